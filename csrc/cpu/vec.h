@@ -1,0 +1,121 @@
+// CPU building blocks shared by the kernels: 8-wide float vectors loaded from / stored to any element
+// type, horizontal sums, and the thread-parallel loop. AVX2+FMA (+F16C) when the compiler targets them,
+// a portable scalar fallback otherwise; both give the same results up to float summation order.
+#pragma once
+
+#include <cstdint>
+#include <algorithm>
+#include <type_traits>
+
+#include "codellama/common.h"
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define CODELLAMA_AVX2 1
+#endif
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace codellama::cpu {
+
+inline int max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+// Runs fn(begin, end) over [0, n) split into contiguous chunks of at least `grain` items, one chunk
+// per thread. Serial when the work is too small to pay for waking threads.
+template <typename F>
+inline void parallel_for(int64_t n, int64_t grain, const F& fn) {
+  if (n <= 0) return;
+  const int64_t chunks = std::min<int64_t>(max_threads(), std::max<int64_t>(1, n / std::max<int64_t>(grain, 1)));
+  if (chunks <= 1) { fn(int64_t{0}, n); return; }
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(chunks) schedule(static, 1)
+#endif
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t begin = n * c / chunks, end = n * (c + 1) / chunks;
+    if (begin < end) fn(begin, end);
+  }
+}
+
+#ifdef CODELLAMA_AVX2
+using vec8 = __m256;
+
+inline vec8 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline vec8 load8(const BFloat16* p) {
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+#if defined(__F16C__)
+inline vec8 load8(const Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline void store8(Half* p, vec8 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+#else
+inline vec8 load8(const Half* p) {
+  alignas(32) float t[8];
+  for (int i = 0; i < 8; ++i) t[i] = to_float(p[i]);
+  return _mm256_load_ps(t);
+}
+inline void store8(Half* p, vec8 v) {
+  alignas(32) float t[8];
+  _mm256_store_ps(t, v);
+  for (int i = 0; i < 8; ++i) p[i] = to_half(t[i]);
+}
+#endif
+inline void store8(float* p, vec8 v) { _mm256_storeu_ps(p, v); }
+// float -> bfloat16 with round-to-nearest-even and quiet NaNs, 8 at a time (matches to_bf16).
+inline void store8(BFloat16* p, vec8 v) {
+  __m256i u = _mm256_castps_si256(v);
+  __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb));
+  __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  __m256i qnan = _mm256_or_si256(u, _mm256_set1_epi32(0x400000));
+  r = _mm256_blendv_epi8(r, qnan, nan);
+  r = _mm256_srli_epi32(r, 16);
+  __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+}
+inline vec8 set1(float v) { return _mm256_set1_ps(v); }
+inline vec8 zero8() { return _mm256_setzero_ps(); }
+inline vec8 add(vec8 a, vec8 b) { return _mm256_add_ps(a, b); }
+inline vec8 mul(vec8 a, vec8 b) { return _mm256_mul_ps(a, b); }
+inline vec8 fmadd(vec8 a, vec8 b, vec8 c) { return _mm256_fmadd_ps(a, b, c); }
+inline float hsum(vec8 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#else
+struct vec8 { float v[8]; };
+template <typename T> inline vec8 load8(const T* p) { vec8 r; for (int i = 0; i < 8; ++i) r.v[i] = to_float(p[i]); return r; }
+template <typename T> inline void store8(T* p, vec8 a) { for (int i = 0; i < 8; ++i) p[i] = from_float<T>(a.v[i]); }
+inline vec8 set1(float x) { vec8 r; for (float& e : r.v) e = x; return r; }
+inline vec8 zero8() { return set1(0.f); }
+inline vec8 add(vec8 a, vec8 b) { for (int i = 0; i < 8; ++i) a.v[i] += b.v[i]; return a; }
+inline vec8 mul(vec8 a, vec8 b) { for (int i = 0; i < 8; ++i) a.v[i] *= b.v[i]; return a; }
+inline vec8 fmadd(vec8 a, vec8 b, vec8 c) { for (int i = 0; i < 8; ++i) c.v[i] += a.v[i] * b.v[i]; return c; }
+inline float hsum(vec8 a) { float s = 0; for (float e : a.v) s += e; return s; }
+#endif
+
+// Rounds each lane through T (float: unchanged), as storing to a T tensor and reading back would.
+template <typename T> inline vec8 round_through(vec8 v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    alignas(32) T tmp[8];
+    store8(tmp, v);
+    return load8(tmp);
+  }
+}
+
+}  // namespace codellama::cpu

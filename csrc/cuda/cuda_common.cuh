@@ -1,0 +1,70 @@
+// Device-side vocabulary shared by the CUDA kernels: element types, float conversions, warp/block
+// reductions, launch checking and the dtype dispatch macro.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "codellama/common.h"
+
+namespace codellama::cuda {
+
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// The value a T tensor would hold after storing v.
+template <typename T> __device__ __forceinline__ float round_to(float v) { return to_f(from_f<T>(v)); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
+__device__ __forceinline__ float block_sum(float v) {
+  __shared__ float partial[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  v = warp_sum(v);
+  __syncthreads();  // partial may still be read by a previous call
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  const int warps = blockDim.x >> 5;
+  v = lane < warps ? partial[lane] : 0.f;
+  return warp_sum(v);
+}
+
+inline void check_launch(const char* op) {
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) throw std::runtime_error(std::string(op) + ": CUDA launch failed: " + cudaGetErrorString(err));
+}
+
+}  // namespace codellama::cuda
+
+// As CODELLAMA_DISPATCH_FLOAT_TYPES, with `scalar_t` bound to the device type (float, __half, __nv_bfloat16).
+#define CODELLAMA_DISPATCH_CUDA_TYPES(DT, NAME, ...)                                      \
+  do {                                                                                    \
+    switch (DT) {                                                                         \
+      case ::codellama::DType::kFloat32: { using scalar_t = float; __VA_ARGS__ } break;   \
+      case ::codellama::DType::kFloat16: { using scalar_t = __half; __VA_ARGS__ } break;  \
+      case ::codellama::DType::kBFloat16: {                                               \
+        using scalar_t = __nv_bfloat16; __VA_ARGS__ } break;                              \
+      default: throw std::invalid_argument(std::string(NAME) + ": unsupported dtype");    \
+    }                                                                                     \
+  } while (0)

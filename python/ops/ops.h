@@ -1,0 +1,42 @@
+// Every op's torch-facing entry point, implemented in python/ops/<family>.cpp and registered in
+// python/bindings.cpp. Each validates its inputs (ValueError naming the argument and the rule), allocates
+// outputs and calls the CPU or CUDA kernel for the tensors' device on the current stream.
+#pragma once
+
+#include <torch/all.h>
+
+#include <tuple>
+
+namespace codellama::bind {
+
+// normalization.cpp
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm(const at::Tensor& x, const at::Tensor& residual,
+                                                      const at::Tensor& weight, double eps);
+
+// rotary.cpp
+void rotary_embedding(at::Tensor& q, at::Tensor& k, const at::Tensor& positions, double theta, bool interleaved);
+
+// attention.cpp
+void kv_cache_append(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
+                     const at::Tensor& slots, const at::Tensor& positions);
+at::Tensor attention_prefill(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                             const at::Tensor& cu_seqlens, const at::Tensor& start_pos, const at::Tensor& slots,
+                             int64_t max_query_len, double scale);
+at::Tensor attention_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& slots, const at::Tensor& seq_lens, double scale);
+
+// activation.cpp
+at::Tensor silu_and_mul(const at::Tensor& x);
+
+// linear.cpp
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight);
+std::tuple<at::Tensor, at::Tensor> quantize_int8(const at::Tensor& weight, int64_t group_size);
+at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales);
+
+// sampling.cpp
+at::Tensor argmax(const at::Tensor& logits);
+at::Tensor sample(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
+                  const at::Tensor& top_p, const at::Tensor& uniform);
+
+}  // namespace codellama::bind
