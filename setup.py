@@ -128,6 +128,6 @@ setup(
     cmdclass={"build_ext": build_ext},
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy", "sentencepiece", "safetensors"],
-    extras_require={"test": ["pytest", "hypothesis", "transformers==4.57.6"]},
+    extras_require={"test": ["pytest", "hypothesis", "transformers==4.57.6", "protobuf"]},
     entry_points={"console_scripts": ["codellama-ext=codellama_ext.cli:main"]},
 )
