@@ -83,6 +83,13 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     return _ops.sample(logits, temperature, top_k, top_p, uniform)
 
 
+def sample_with_generator(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                          top_p: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """`sample` with the uniforms drawn on logits' device from `generator` (no host synchronisation)."""
+    uniform = torch.rand(logits.shape[0], device=logits.device, dtype=torch.float32, generator=generator)
+    return _ops.sample(logits, temperature, top_k, top_p, uniform)
+
+
 # ---- fake implementations: output shapes and dtypes only ----
 
 @torch.library.register_fake("codellama::rms_norm")

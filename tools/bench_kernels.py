@@ -92,6 +92,121 @@ def bench_rms_norm(device, ctx):
             ceiling_bw=ctx["bw"])
 
 
+@bench("attention")
+def bench_attention(device, ctx):
+    """Decode at batch 1 (7B: Hq = Hkv = 32, D = 128) over 4k / 16k cached tokens, bytes = K + V read; causal
+    prefill (TFLOP/s with 4 * T * T / 2 * Hq * D flops). Peer: torch SDPA over views of the same cache."""
+    import torch.nn.functional as F
+    dtype, h, d = torch.bfloat16, 32, 128
+    i32 = lambda *v: torch.tensor(v, dtype=torch.int32, device=device)  # noqa: E731
+    for n in [4096, 16384]:
+        kc = torch.randn(1, n, h, d, device=device, dtype=dtype)
+        vc = torch.randn_like(kc)
+        q = torch.randn(1, h, d, device=device, dtype=dtype)
+        k4, v4 = kc[0].transpose(0, 1)[None], vc[0].transpose(0, 1)[None]  # [1, H, n, D] views
+        ours = timeit(lambda: ops.attention_decode(q, kc, vc, i32(0), i32(n)), device)
+        peer = timeit(lambda: F.scaled_dot_product_attention(q[:, :, None], k4, v4), device)
+        row(f"attention_decode b=1 len={n} H={h} D={d} bf16", ours, peer, nbytes=nbytes(kc, vc), ceiling_bw=ctx["bw"])
+    t = 2048 if device == "cuda" else 512  # CPU: small enough to finish in seconds
+    kc = torch.randn(1, t, h, d, device=device, dtype=dtype)
+    vc = torch.randn_like(kc)
+    q = torch.randn(t, h, d, device=device, dtype=dtype)
+    q4, k4, v4 = q.transpose(0, 1)[None], kc[0].transpose(0, 1)[None], vc[0].transpose(0, 1)[None]
+    ours = timeit(lambda: ops.attention_prefill(q, kc, vc, i32(0, t), i32(0), i32(0), t), device)
+    peer = timeit(lambda: F.scaled_dot_product_attention(q4, k4, v4, is_causal=True), device)
+    row(f"attention_prefill T={t} H={h} D={d} causal bf16", ours, peer, flops=4 * t * t / 2 * h * d,
+        ceiling_flops=ctx["flops"])
+
+
+
+@bench("linear")
+def bench_linear(device, ctx):
+    """Decode GEMVs (bytes of weights vs read bandwidth) and a prefill GEMM (FLOP rate), bf16/fp16 and int8.
+    int8 peer: torch._weight_int8pack_mm (per-row scales) where torch has it, else dequantise + F.linear."""
+    import torch.nn.functional as F
+    from codellama_ext import reference
+    n, k = 11008, 4096
+    for m, dtype in [(1, torch.bfloat16), (1, torch.float16), (8, torch.bfloat16), (128, torch.bfloat16)]:
+        x = torch.randn(m, k, device=device, dtype=dtype)
+        w = torch.randn(n, k, device=device, dtype=dtype) / k ** 0.5
+        ours = timeit(lambda: ops.linear(x, w), device)
+        peer = timeit(lambda: F.linear(x, w), device)
+        name = f"linear {m}x{k} -> {n} {str(dtype)[6:]}"
+        if m <= 8:
+            row(name, ours, peer, nbytes=nbytes(x, w), ceiling_bw=ctx["bw"])
+        else:
+            row(name, ours, peer, flops=2 * m * n * k, ceiling_flops=ctx["flops"])
+        for group in (0, 128):
+            q, s = ops.quantize_int8(w, group)
+            ours = timeit(lambda: ops.linear_int8(x, q, s), device)
+            if group == 0 and hasattr(torch, "_weight_int8pack_mm") and device == "cpu":
+                s1 = s[:, 0].to(dtype)
+                peer = timeit(lambda: torch._weight_int8pack_mm(x, q, s1), device)
+                peer_name = "int8pack_mm"
+            else:
+                peer = timeit(lambda: F.linear(x, reference.dequantize_int8(q, s, dtype)), device)
+                peer_name = "dequant+linear"
+            name = f"linear_int8 g{group} {m}x{k} -> {n} {str(dtype)[6:]} (torch: {peer_name})"
+            if m <= 8:
+                row(name, ours, peer, nbytes=nbytes(x, q, s), ceiling_bw=ctx["bw"])
+            else:
+                row(name, ours, peer, flops=2 * m * n * k, ceiling_flops=ctx["flops"])
+
+
+@bench("rotary")
+def bench_rotary(device, ctx):
+    from codellama_ext import reference
+    for t, hq, hkv, dtype, inter in [(1, 32, 32, torch.bfloat16, True), (2048, 32, 32, torch.bfloat16, True),
+                                     (2048, 32, 32, torch.bfloat16, False), (2048, 64, 8, torch.float16, True)]:
+        q = torch.randn(t, hq, 128, device=device, dtype=dtype)
+        k = torch.randn(t, hkv, 128, device=device, dtype=dtype)
+        pos = torch.arange(t, device=device, dtype=torch.int32) + 100
+        ours = timeit(lambda: ops.rotary_embedding(q, k, pos, 1e6, inter), device)
+        peer = timeit(lambda: reference.rotary_embedding(q, k, pos, 1e6, inter), device)
+        row(f"rotary {t}x{hq}/{hkv}x128 {str(dtype)[6:]} {'meta' if inter else 'hf'}", ours, peer,
+            nbytes=2 * nbytes(q, k) + nbytes(pos), ceiling_bw=ctx["bw"])
+
+
+@bench("silu_and_mul")
+def bench_silu_and_mul(device, ctx):
+    from codellama_ext import reference
+    for rows, f, dtype in [(1, 11008, torch.bfloat16), (2048, 11008, torch.bfloat16), (512, 22016, torch.float16)]:
+        x = torch.randn(rows, 2 * f, device=device, dtype=dtype)
+        ours = timeit(lambda: ops.silu_and_mul(x), device)
+        peer = timeit(lambda: reference.silu_and_mul(x), device)
+        row(f"silu_and_mul {rows}x{f} {str(dtype)[6:]}", ours, peer, nbytes=nbytes(x) * 3 // 2, ceiling_bw=ctx["bw"])
+
+
+@bench("sampling")
+def bench_sampling(device, ctx):
+    for b, v in [(1, 32016), (16, 32016)]:
+        logits = torch.randn(b, v, device=device) * 3
+        t = torch.full((b,), 0.8, device=device)
+        k = torch.full((b,), 0, dtype=torch.int32, device=device)
+        p = torch.full((b,), 0.95, device=device)
+        u = torch.rand(b, device=device)
+        ours = timeit(lambda: ops.argmax(logits), device)
+        peer = timeit(lambda: torch.argmax(logits, -1), device)
+        row(f"argmax {b}x{v} f32", ours, peer, nbytes=nbytes(logits), ceiling_bw=ctx["bw"])
+
+        def torch_top_p():  # Meta's sample_top_p with an explicit uniform instead of multinomial
+            probs = torch.softmax(logits / t[:, None], dim=-1)
+            ps, pi = torch.sort(probs, dim=-1, descending=True)
+            cs = torch.cumsum(ps, dim=-1)
+            ps[(cs - ps) > p[:, None]] = 0.0
+            cdf = ps.cumsum(-1)
+            j = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp_max(v - 1)
+            return torch.gather(pi, -1, j)
+
+        ours = timeit(lambda: ops.sample(logits, t, k, p, u), device)
+        peer = timeit(torch_top_p, device)
+        row(f"sample top-p 0.95 {b}x{v} f32", ours, peer, nbytes=nbytes(logits), ceiling_bw=ctx["bw"])
+        k.fill_(50)
+        ours = timeit(lambda: ops.sample(logits, t, k, p, u), device)
+        row(f"sample top-k 50 + top-p {b}x{v} f32 (torch: top-p only)", ours, peer, nbytes=nbytes(logits),
+            ceiling_bw=ctx["bw"])
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -111,6 +111,19 @@ inline float hsum(vec8 a) { float s = 0; for (float e : a.v) s += e; return s; }
 template <typename T> inline vec8 round_through(vec8 v) {
   if constexpr (std::is_same_v<T, float>) {
     return v;
+#ifdef CODELLAMA_AVX2
+  } else if constexpr (std::is_same_v<T, BFloat16>) {  // in registers: the rounding of store8(BFloat16*)
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb));
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    r = _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x400000)), nan);
+    return _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+#if defined(__F16C__)
+  } else if constexpr (std::is_same_v<T, Half>) {  // in registers: F16C round trip
+    return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+#endif
+#endif
   } else {
     alignas(32) T tmp[8];
     store8(tmp, v);

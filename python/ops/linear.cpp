@@ -1,7 +1,143 @@
-// scaffolding: implemented by the linear work
+// Binding of linear / quantize_int8 / linear_int8: validate, pick GEMV or GEMM, launch on the current stream.
+//
+// Dispatch rule (codellama/linear.h): M = x.numel() / K activation rows.
+//   M <= 8 (decode): our GEMV kernels, CPU (AVX2, threads over N) or CUDA (warp per output row).
+//   M >  8 (prefill): a GEMM through torch here: at::matmul (cuBLAS tensor cores on CUDA, oneDNN on CPU); for
+//                     int8 weights on CUDA, our dequantize_int8 kernel writes W in x's dtype into a temporary first.
+//   Exception, int8 on CPU: our GEMV kernel for every M (8 rows per pass over W, K sliced so x stays in L1).
+//   On a CPU without native bf16 matmul (2-core Zen 3 here), dequantise + oneDNN bf16 matmul measured several
+//   times slower than it at M = 128 (tools/bench_kernels.py --only linear).
+// Both paths accumulate in fp32 and round once to x's dtype (cuBLAS/oneDNN reduced-precision GEMMs
+// accumulate in fp32 by default).
+#include "codellama/linear.h"
+
+#include "checks.h"
 #include "ops.h"
+
 namespace codellama::bind {
-at::Tensor linear(const at::Tensor&, const at::Tensor&) { TORCH_CHECK(false, "not built yet"); }
-std::tuple<at::Tensor, at::Tensor> quantize_int8(const at::Tensor&, int64_t) { TORCH_CHECK(false, "not built yet"); }
-at::Tensor linear_int8(const at::Tensor&, const at::Tensor&, const at::Tensor&) { TORCH_CHECK(false, "not built yet"); }
+namespace {
+
+// x [..., K] -> [M, K] with a contiguous last dim (a view when possible).
+at::Tensor rows_of(const at::Tensor& x, int64_t K) {
+  at::Tensor x2 = x.reshape({-1, K});
+  if (x2.stride(1) != 1) x2 = x2.contiguous();
+  return x2;
 }
+
+std::vector<int64_t> out_shape(const at::Tensor& x, int64_t N) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  return shape;
+}
+
+void check_x(const char* op, const at::Tensor& x) {
+  float_dtype(op, "x", x);
+  CODELLAMA_CHECK(op, x.dim() >= 1, "x must have at least one dimension [..., K], got a scalar");
+  CODELLAMA_CHECK(op, x.size(-1) > 0, "x must have a non-empty last dimension K, got shape ", x.sizes());
+}
+
+}  // namespace
+
+// x [..., K], weight [N, K] -> [..., N]
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight) {
+  const char* op = "linear";
+  check_devices(op, {{"x", &x}, {"weight", &weight}});
+  check_x(op, x);
+  check_same_dtype(op, {"x", &x}, {{"weight", &weight}});
+  check_dim(op, "weight", weight, 2, "[N, K]");
+  check_size(op, "weight", weight, 1, x.size(-1), "K, the last dimension of x");
+  check_contiguous(op, "weight", weight);
+  const int64_t K = x.size(-1), N = weight.size(0);
+  const at::Tensor x2 = rows_of(x, K);
+  const int64_t M = x2.size(0);
+  if (M > kGemvMaxRows) return at::matmul(x2, weight.t()).view(out_shape(x, N));  // GEMM: cuBLAS / oneDNN
+  at::Tensor out = at::empty({M, N}, x.options());
+  const DType dt = float_dtype(op, "x", x);
+  if (M > 0 && N > 0) {
+    if (x.is_cuda()) {
+#ifdef CODELLAMA_WITH_CUDA
+      const c10::cuda::CUDAGuard guard(x.device());
+      cuda::linear_gemv(dt, out.data_ptr(), x2.data_ptr(), x2.stride(0), weight.data_ptr(), M, N, K,
+                        current_stream(x));
+#endif
+    } else {
+      cpu::linear_gemv(dt, out.data_ptr(), x2.data_ptr(), x2.stride(0), weight.data_ptr(), M, N, K);
+    }
+  }
+  return out.view(out_shape(x, N));
+}
+
+// weight [N, K] -> (qweight int8 [N, K], scales float32 [N, G]); G = 1 (group_size 0) or K / group_size
+std::tuple<at::Tensor, at::Tensor> quantize_int8(const at::Tensor& weight, int64_t group_size) {
+  const char* op = "quantize_int8";
+  check_devices(op, {{"weight", &weight}});
+  const DType dt = float_dtype(op, "weight", weight);
+  check_dim(op, "weight", weight, 2, "[N, K]");
+  check_contiguous(op, "weight", weight);
+  const int64_t N = weight.size(0), K = weight.size(1);
+  CODELLAMA_CHECK(op, K > 0, "weight must have a non-empty second dimension K, got shape ", weight.sizes());
+  CODELLAMA_CHECK(op, group_size >= 0, "group_size must be >= 0 (0: one scale per row), got ", group_size);
+  CODELLAMA_CHECK(op, group_size == 0 || K % group_size == 0, "group_size must divide K (", K, "), got ",
+                  group_size);
+  const int64_t G = group_size == 0 ? 1 : K / group_size;
+  at::Tensor q = at::empty({N, K}, weight.options().dtype(at::kChar));
+  at::Tensor scales = at::empty({N, G}, weight.options().dtype(at::kFloat));
+  if (N > 0) {
+    if (weight.is_cuda()) {
+#ifdef CODELLAMA_WITH_CUDA
+      const c10::cuda::CUDAGuard guard(weight.device());
+      cuda::quantize_int8(dt, q.data_ptr<int8_t>(), scales.data_ptr<float>(), weight.data_ptr(), N, K, group_size,
+                          current_stream(weight));
+#endif
+    } else {
+      cpu::quantize_int8(dt, q.data_ptr<int8_t>(), scales.data_ptr<float>(), weight.data_ptr(), N, K, group_size);
+    }
+  }
+  return {q, scales};
+}
+
+// x [..., K], qweight int8 [N, K], scales float32 [N, G] -> [..., N] in x's dtype
+at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales) {
+  const char* op = "linear_int8";
+  check_devices(op, {{"x", &x}, {"qweight", &qweight}, {"scales", &scales}});
+  check_x(op, x);
+  check_dtype(op, "qweight", qweight, at::kChar);
+  check_dim(op, "qweight", qweight, 2, "[N, K]");
+  check_size(op, "qweight", qweight, 1, x.size(-1), "K, the last dimension of x");
+  check_contiguous(op, "qweight", qweight);
+  check_dtype(op, "scales", scales, at::kFloat);
+  check_dim(op, "scales", scales, 2, "[N, G]");
+  check_size(op, "scales", scales, 0, qweight.size(0), "N, the rows of qweight");
+  check_contiguous(op, "scales", scales);
+  const int64_t K = x.size(-1), N = qweight.size(0), G = scales.size(1);
+  CODELLAMA_CHECK(op, G > 0 && K % G == 0, "scales.shape[1] (groups G) must divide K (", K, "), got ", G);
+  const DType dt = float_dtype(op, "x", x);
+  const at::Tensor x2 = rows_of(x, K);
+  const int64_t M = x2.size(0);
+  if (M > kGemvMaxRows && x.is_cuda()) {  // GEMM: dequantise into x's dtype, then cuBLAS
+    at::Tensor w = at::empty({N, K}, x.options());
+#ifdef CODELLAMA_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(x.device());
+    cuda::dequantize_int8(dt, w.data_ptr(), qweight.data_ptr<int8_t>(), scales.data_ptr<float>(), N, K, G,
+                          current_stream(x));
+#endif
+    return at::matmul(x2, w.t()).view(out_shape(x, N));
+  }
+  // GEMV: CUDA for M <= 8; CPU for every M (see the dispatch rule above)
+  at::Tensor out = at::empty({M, N}, x.options());
+  if (M > 0 && N > 0) {
+    if (x.is_cuda()) {
+#ifdef CODELLAMA_WITH_CUDA
+      const c10::cuda::CUDAGuard guard(x.device());
+      cuda::linear_int8(dt, out.data_ptr(), x2.data_ptr(), x2.stride(0), qweight.data_ptr<int8_t>(),
+                        scales.data_ptr<float>(), M, N, K, G, current_stream(x));
+#endif
+    } else {
+      cpu::linear_int8(dt, out.data_ptr(), x2.data_ptr(), x2.stride(0), qweight.data_ptr<int8_t>(),
+                       scales.data_ptr<float>(), M, N, K, G);
+    }
+  }
+  return out.view(out_shape(x, N));
+}
+
+}  // namespace codellama::bind

@@ -1,0 +1,204 @@
+// y[m, n] = round(sum_k x[m, k] * w[n, k]), and the int8 variant with w[n, k] = q[n, k] * s[n, k / group_size]:
+// decode GEMVs (M <= 8 rows; more rows go to cuBLAS from the binding, see codellama/linear.h), int8
+// quantisation and dequantisation.
+//
+// GEMV: a block of 8 warps computes 8 output rows, one warp per row n. Each lane streams 16 bytes of W per step
+// (8 bf16/fp16, 4 fp32 or 16 int8 weights) with read-only loads, reads the matching activations of all M rows
+// (16-byte loads too; they are shared by every block, so L1/L2 hits), multiplies in fp32 (int8 weights times
+// their group scale first) and accumulates M partial dots in fp32 registers; a warp-shuffle reduction gives
+// y[m, n]. When a pointer, K or the group size does not allow 16-byte steps, the same kernel runs with
+// element-wise loads (kVec = false).
+#include <cstdint>
+
+#include "codellama/linear.h"
+#include "cuda_common.cuh"
+
+namespace codellama::cuda {
+
+// Beside cuda_common.cuh's to_f overloads (same namespace, so all of them take part in overload resolution).
+__device__ __forceinline__ float to_f(int8_t v) { return static_cast<float>(v); }
+
+namespace {
+
+constexpr int kRowsPerBlock = 8;  // one warp per output row
+constexpr int kMaxM = 8;
+
+// 16 bytes -> 16 / sizeof(T) floats.
+__device__ __forceinline__ void unpack(const uint4& u, float* f, const float*) {
+  f[0] = __uint_as_float(u.x); f[1] = __uint_as_float(u.y); f[2] = __uint_as_float(u.z); f[3] = __uint_as_float(u.w);
+}
+__device__ __forceinline__ void unpack(const uint4& u, float* f, const __half*) {
+  const __half2* h = reinterpret_cast<const __half2*>(&u);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) { const float2 t = __half22float2(h[i]); f[2 * i] = t.x; f[2 * i + 1] = t.y; }
+}
+__device__ __forceinline__ void unpack(const uint4& u, float* f, const __nv_bfloat16*) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) { const float2 t = __bfloat1622float2(h[i]); f[2 * i] = t.x; f[2 * i + 1] = t.y; }
+}
+__device__ __forceinline__ void unpack(const uint4& u, float* f, const int8_t*) {
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int i = 0; i < 16; ++i) f[i] = static_cast<float>(static_cast<int8_t>((w[i / 4] >> (8 * (i % 4))) & 0xffu));
+}
+
+// E consecutive elements of T at p (16-byte aligned; E * sizeof(T) a multiple of 16) as floats.
+template <typename T, int E>
+__device__ __forceinline__ void load_vec(const T* p, float* f) {
+  constexpr int per = 16 / sizeof(T);
+#pragma unroll
+  for (int i = 0; i < E / per; ++i) unpack(__ldg(reinterpret_cast<const uint4*>(p) + i), f + i * per, p);
+}
+
+// T: activation type; W: weight type (T, or int8_t with kScaled). scales [N, G] used when kScaled.
+template <typename T, typename W, bool kScaled, bool kVec>
+__global__ void __launch_bounds__(kRowsPerBlock * 32)
+gemv_kernel(T* __restrict__ y, const T* __restrict__ x, int64_t x_stride, const W* __restrict__ w,
+            const float* __restrict__ scales, int M, int64_t N, int64_t K, int64_t gs, int64_t G) {
+  const int lane = threadIdx.x & 31;
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + (threadIdx.x >> 5);
+  if (n >= N) return;  // uniform over the warp: the shuffles below see all 32 lanes
+  const W* wr = w + n * K;
+  const float* sr = kScaled ? scales + n * G : nullptr;
+  float acc[kMaxM];
+#pragma unroll
+  for (int m = 0; m < kMaxM; ++m) acc[m] = 0.f;
+  if constexpr (kVec) {
+    constexpr int E = 16 / sizeof(W);  // weights per lane per step
+#pragma unroll 4
+    for (int64_t k = static_cast<int64_t>(lane) * E; k < K; k += 32 * E) {
+      float wf[E];
+      load_vec<W, E>(wr + k, wf);
+      if constexpr (kScaled) {
+        const float s = sr[k / gs];  // gs % E == 0: the E weights share one group
+#pragma unroll
+        for (int i = 0; i < E; ++i) wf[i] *= s;
+      }
+#pragma unroll
+      for (int m = 0; m < kMaxM; ++m) {
+        if (m < M) {
+          float xf[E];
+          load_vec<T, E>(x + m * x_stride + k, xf);
+#pragma unroll
+          for (int i = 0; i < E; ++i) acc[m] = fmaf(wf[i], xf[i], acc[m]);
+        }
+      }
+    }
+  } else {
+    for (int64_t k = lane; k < K; k += 32) {
+      float wf = to_f(wr[k]);
+      if constexpr (kScaled) wf *= sr[k / gs];
+#pragma unroll
+      for (int m = 0; m < kMaxM; ++m) {
+        if (m < M) acc[m] = fmaf(wf, to_f(x[m * x_stride + k]), acc[m]);
+      }
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < kMaxM; ++m) {
+    if (m < M) {
+      const float v = warp_sum(acc[m]);
+      if (lane == 0) y[m * N + n] = from_f<T>(v);
+    }
+  }
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+template <typename T, typename W, bool kScaled>
+void launch_gemv(T* y, const T* x, int64_t x_stride, const W* w, const float* scales, int64_t M, int64_t N,
+                 int64_t K, int64_t G, cudaStream_t stream) {
+  if (M > kMaxM) throw std::invalid_argument("linear: the CUDA GEMV takes at most 8 rows (use a GEMM)");
+  if (M <= 0 || N <= 0) return;
+  constexpr int64_t E = 16 / sizeof(W);
+  const int64_t gs = K / G;
+  // 16-byte steps need: W rows and x rows 16-byte aligned, whole steps per row, whole steps per group.
+  const bool vec = aligned16(w) && aligned16(x) && K % E == 0 && (x_stride * sizeof(T)) % 16 == 0 &&
+                   (!kScaled || gs % E == 0);
+  const dim3 grid(static_cast<unsigned>((N + kRowsPerBlock - 1) / kRowsPerBlock)), block(kRowsPerBlock * 32);
+  if (vec) {
+    gemv_kernel<T, W, kScaled, true><<<grid, block, 0, stream>>>(y, x, x_stride, w, scales, static_cast<int>(M), N,
+                                                                  K, gs, G);
+  } else {
+    gemv_kernel<T, W, kScaled, false><<<grid, block, 0, stream>>>(y, x, x_stride, w, scales, static_cast<int>(M),
+                                                                   N, K, gs, G);
+  }
+}
+
+// One warp per (row, group): max |w| by warp reduction, then q = clamp(rint(w / s)) (IEEE division, as torch).
+template <typename T>
+__global__ void quantize_kernel(int8_t* __restrict__ q, float* __restrict__ scales, const T* __restrict__ w,
+                                int64_t tasks, int64_t K, int64_t gs, int64_t G) {
+  const int lane = threadIdx.x & 31;
+  const int64_t task = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + (threadIdx.x >> 5);
+  if (task >= tasks) return;
+  const int64_t n = task / G, g = task % G;
+  const T* wr = w + n * K + g * gs;
+  int8_t* qr = q + n * K + g * gs;
+  float amax = 0.f;
+  for (int64_t k = lane; k < gs; k += 32) amax = fmaxf(amax, fabsf(to_f(wr[k])));
+  amax = warp_max(amax);
+  const float s = amax > 0.f ? __fdiv_rn(amax, 127.f) : 1.f;
+  if (lane == 0) scales[task] = s;
+  for (int64_t k = lane; k < gs; k += 32) {
+    const float v = rintf(__fdiv_rn(to_f(wr[k]), s));
+    qr[k] = static_cast<int8_t>(fminf(127.f, fmaxf(-127.f, v)));
+  }
+}
+
+template <typename T>
+__global__ void dequantize_kernel(T* __restrict__ w, const int8_t* __restrict__ q, const float* __restrict__ scales,
+                                  int64_t total, int64_t K, int64_t gs, int64_t G) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t n = i / K, k = i % K;
+    w[i] = from_f<T>(static_cast<float>(q[i]) * scales[n * G + k / gs]);
+  }
+}
+
+}  // namespace
+
+void linear_gemv(DType dt, void* y, const void* x, int64_t x_stride, const void* w, int64_t M, int64_t N, int64_t K,
+                 cudaStream_t stream) {
+  CODELLAMA_DISPATCH_CUDA_TYPES(dt, "linear", {
+    launch_gemv<scalar_t, scalar_t, false>(static_cast<scalar_t*>(y), static_cast<const scalar_t*>(x), x_stride,
+                                           static_cast<const scalar_t*>(w), nullptr, M, N, K, 1, stream);
+  });
+  check_launch("linear");
+}
+
+void linear_int8(DType dt, void* y, const void* x, int64_t x_stride, const int8_t* q, const float* scales,
+                 int64_t M, int64_t N, int64_t K, int64_t G, cudaStream_t stream) {
+  CODELLAMA_DISPATCH_CUDA_TYPES(dt, "linear_int8", {
+    launch_gemv<scalar_t, int8_t, true>(static_cast<scalar_t*>(y), static_cast<const scalar_t*>(x), x_stride, q,
+                                        scales, M, N, K, G, stream);
+  });
+  check_launch("linear_int8");
+}
+
+void quantize_int8(DType dt, int8_t* q, float* scales, const void* w, int64_t N, int64_t K, int64_t group_size,
+                   cudaStream_t stream) {
+  const int64_t gs = group_size == 0 ? K : group_size, G = K / gs, tasks = N * G;
+  if (tasks == 0) return;
+  const dim3 grid(static_cast<unsigned>((tasks + kRowsPerBlock - 1) / kRowsPerBlock)), block(kRowsPerBlock * 32);
+  CODELLAMA_DISPATCH_CUDA_TYPES(dt, "quantize_int8", {
+    quantize_kernel<scalar_t><<<grid, block, 0, stream>>>(q, scales, static_cast<const scalar_t*>(w), tasks, K, gs, G);
+  });
+  check_launch("quantize_int8");
+}
+
+void dequantize_int8(DType dt, void* w, const int8_t* q, const float* scales, int64_t N, int64_t K, int64_t G,
+                     cudaStream_t stream) {
+  const int64_t total = N * K;
+  if (total == 0) return;
+  const int threads = 256;
+  const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, int64_t{1} << 16);
+  CODELLAMA_DISPATCH_CUDA_TYPES(dt, "dequantize_int8", {
+    dequantize_kernel<scalar_t><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
+        static_cast<scalar_t*>(w), q, scales, total, K, K / G, G);
+  });
+  check_launch("dequantize_int8");
+}
+
+}  // namespace codellama::cuda

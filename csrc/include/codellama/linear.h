@@ -1,0 +1,58 @@
+// Linear layers: y = x W^T, in the activation dtype or with symmetric int8 weights (weight-only quantisation).
+//   linear:        y[m, n] = round( sum_k x[m, k] * w[n, k] )                         (fp32 accumulation)
+//   quantize_int8: s[n, g] = max_{k in g} |w[n, k]| / 127 (1 for an all-zero group);
+//                  q[n, k] = clamp(round_half_even(w[n, k] / s[n, g(k)]), -127, 127)
+//   linear_int8:   y[m, n] = round( sum_g s[n, g] * sum_{k in g} x[m, k] * q[n, k] )  (fp32 accumulation)
+// `round` is one rounding to the activation dtype at the end (identity for fp32): the order of
+// torch.nn.functional.linear on x.float(), w.float() (codellama_ext/reference.py), up to summation order.
+// Groups: g(k) = k / group_size; group_size 0 means one group per row (G = 1). G = K / group_size.
+//
+// Dispatch rule (python/ops/linear.cpp): M = number of rows of x (x.numel() / K).
+//   M <= kGemvMaxRows (8): the GEMV kernels below (decode: memory-bound, each weight row is read once and
+//                          dotted with all M activation rows).
+//   M >  kGemvMaxRows:     a GEMM from the binding layer: at::matmul (cuBLAS tensor cores / oneDNN); for int8
+//                          the weights are first dequantised to the activation dtype (dequantize_int8 below).
+//                          Exception: int8 weights on CPU always use cpu::linear_int8 (faster than dequantise +
+//                          oneDNN where the CPU has no native bf16/fp16 matmul).
+// The GEMV kernels accept any M (the CPU ones process rows in chunks of 8), but are tuned for M <= 8.
+#pragma once
+
+#include <cstdint>
+
+#include "codellama/common.h"
+#include "codellama/stream.h"
+
+namespace codellama {
+
+constexpr int64_t kGemvMaxRows = 8;
+
+namespace cpu {
+// y [M, N] contiguous; x [M, K] rows of stride x_stride (elements), last dim contiguous; w [N, K] contiguous.
+// Activation-dtype GEMV: each W row is streamed once per chunk of 8 rows, rows of W split over threads.
+void linear_gemv(DType dt, void* y, const void* x, int64_t x_stride, const void* w, int64_t M, int64_t N, int64_t K);
+
+// q int8 [N, K], scales float32 [N, G] (both contiguous, written); w [N, K] contiguous in dtype dt.
+void quantize_int8(DType dt, int8_t* q, float* scales, const void* w, int64_t N, int64_t K, int64_t group_size);
+
+// y [M, N] contiguous in dtype dt; x [M, K] rows of stride x_stride; q int8 [N, K]; scales float32 [N, G],
+// G dividing K. Weight-only: activations stay float, q converted int8 -> fp32 and FMA'd (AVX2 when built for it).
+void linear_int8(DType dt, void* y, const void* x, int64_t x_stride, const int8_t* q, const float* scales,
+                 int64_t M, int64_t N, int64_t K, int64_t G);
+
+// w [N, K] contiguous in dtype dt: w[n, k] = round(q[n, k] * s[n, g(k)]) (the product in fp32).
+void dequantize_int8(DType dt, void* w, const int8_t* q, const float* scales, int64_t N, int64_t K, int64_t G);
+}  // namespace cpu
+
+namespace cuda {
+// Same contracts as cpu::. GEMVs: several output rows per block, one warp per row, 16-byte loads when the
+// pointers and K allow them (scalar loads otherwise), fp32 accumulation, warp-shuffle reduction. M <= 8 only.
+void linear_gemv(DType dt, void* y, const void* x, int64_t x_stride, const void* w, int64_t M, int64_t N, int64_t K,
+                 cudaStream_t stream);
+void quantize_int8(DType dt, int8_t* q, float* scales, const void* w, int64_t N, int64_t K, int64_t group_size,
+                   cudaStream_t stream);
+void linear_int8(DType dt, void* y, const void* x, int64_t x_stride, const int8_t* q, const float* scales,
+                 int64_t M, int64_t N, int64_t K, int64_t G, cudaStream_t stream);
+void dequantize_int8(DType dt, void* w, const int8_t* q, const float* scales, int64_t N, int64_t K, int64_t G,
+                     cudaStream_t stream);
+}  // namespace cuda
+}  // namespace codellama

@@ -1,0 +1,180 @@
+"""linear, quantize_int8 and linear_int8 against codellama_ext.reference, on every device.
+
+M <= 8 rows run our GEMV kernels, M > 8 the GEMM path (at::matmul); the sweep covers both sides of the rule."""
+
+import pytest
+import torch
+
+from codellama_ext import ops, reference
+from conftest import DTYPES, assert_close_to_baseline
+
+ROWS = [1, 2, 5, 8, 9, 33]
+# (N, K): odd tails, a CodeLlama-7B width (4096), the FFN width 11008 on either side (down_proj-like K, and N).
+SHAPES = [(11, 64), (127, 129), (256, 4096), (512, 11008), (11008, 128)]
+
+
+def group_for(k: int, requested: int) -> int:
+    """group_size 128 where it divides K, else a divisor that is not a multiple of 8 or 16 (the scalar paths)."""
+    if requested == 0 or k % requested == 0:
+        return requested
+    return {64: 16, 129: 3}[k]
+
+
+def floor_for(dtype):
+    # fp32: both sides sum ~10^4 fp32 products in different orders; the baseline cannot show that noise.
+    return 2e-6 if dtype == torch.float32 else 1e-6
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("m", ROWS)
+def test_linear_matches_reference(device, dtype, m, n, k):
+    x = torch.randn(m, k, device=device, dtype=dtype)
+    w = torch.randn(n, k, device=device, dtype=dtype) / k ** 0.5
+    out = ops.linear(x, w)
+    assert out.shape == (m, n) and out.dtype == dtype
+    assert_close_to_baseline(out, reference.linear(x, w), reference.linear(x.double(), w.double()),
+                             floor=floor_for(dtype), name=f"linear {dtype} {m}x{k} -> {n}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group", [0, 128])
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("m", ROWS)
+def test_linear_int8_matches_reference(device, dtype, m, n, k, group):
+    gs = group_for(k, group)
+    x = torch.randn(m, k, device=device, dtype=dtype)
+    w = torch.randn(n, k, device=device, dtype=dtype) / k ** 0.5
+    q, s = ops.quantize_int8(w, gs)
+    out = ops.linear_int8(x, q, s)
+    assert out.shape == (m, n) and out.dtype == dtype
+    assert_close_to_baseline(out, reference.linear_int8(x, q, s), reference.linear_int8(x.double(), q, s),
+                             floor=floor_for(dtype), name=f"linear_int8 {dtype} {m}x{k} -> {n} group {gs}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group", [0, 128, 16, 3])
+def test_quantize_int8_matches_reference(device, dtype, group):
+    n, k = 37, 384
+    w = torch.randn(n, k, device=device, dtype=dtype)
+    w[3] = 0  # all-zero row / groups: scale 1, q 0
+    w[5, :] *= 1e3
+    q, s = ops.quantize_int8(w, group)
+    q_ref, s_ref = reference.quantize_int8(w, group)
+    assert q.dtype == torch.int8 and s.dtype == torch.float32
+    assert s.shape == (n, 1 if group == 0 else k // group)
+    torch.testing.assert_close(s, s_ref, rtol=0, atol=0)
+    torch.testing.assert_close(q, q_ref, rtol=0, atol=0)
+    assert (s[3] == 1).all() and (q[3] == 0).all()
+    err = (reference.dequantize_int8(q, s) - w.float()).abs()
+    assert (err <= (0.5 + 1e-4) * s.repeat_interleave(k // s.shape[1], dim=1)).all()  # + fp32 division noise
+
+
+def test_quantize_int8_rounds_half_to_even(device):
+    # max |w| = 127 -> scale exactly 1: w / scale are the values themselves
+    w = torch.tensor([[127.0, 0.5, 1.5, 2.5, -2.5, -0.5, 3.5, -126.5]], device=device)
+    q, s = ops.quantize_int8(w, 0)
+    assert s.item() == 1.0
+    assert q.tolist() == [[127, 0, 2, 2, -2, 0, 4, -126]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_batched_and_strided_x(device, dtype):
+    k, n = 200, 45
+    w = torch.randn(n, k, device=device, dtype=dtype) / k ** 0.5  # outputs ~ N(0, 1): atol ~ a few bf16 ulps
+    q, s = ops.quantize_int8(w, 8)
+    for x in [torch.randn(2, 3, k, device=device, dtype=dtype),           # 3-D, 6 rows (GEMV)
+              torch.randn(4, 2 * k, device=device, dtype=dtype)[:, :k],    # strided rows
+              torch.randn(k, 5, device=device, dtype=dtype).T,             # last dim not contiguous
+              torch.randn(3, 7, k, device=device, dtype=dtype)[:, ::2],    # 12 rows, GEMM path
+              torch.randn(k, device=device, dtype=dtype)]:                 # 1-D
+        out = ops.linear(x, w)
+        assert out.shape == (*x.shape[:-1], n)
+        torch.testing.assert_close(out, reference.linear(x, w), rtol=2e-2, atol=2e-2)
+        out8 = ops.linear_int8(x, q, s)
+        assert out8.shape == (*x.shape[:-1], n)
+        torch.testing.assert_close(out8, reference.linear_int8(x, q, s), rtol=2e-2, atol=2e-2)
+
+
+def test_linear_empty_rows(device):
+    x = torch.randn(0, 16, device=device)
+    w = torch.randn(5, 16, device=device)
+    assert ops.linear(x, w).shape == (0, 5)
+    q, s = ops.quantize_int8(w, 0)
+    assert ops.linear_int8(x, q, s).shape == (0, 5)
+
+
+def test_linear_bad_input(device):
+    x = torch.randn(2, 16, device=device)
+    w = torch.randn(8, 16, device=device)
+    with pytest.raises(ValueError, match="x must be float32, float16 or bfloat16"):
+        ops.linear(x.int(), w.int())
+    with pytest.raises(ValueError, match="weight must have the dtype of x"):
+        ops.linear(x, w.half())
+    with pytest.raises(ValueError, match="weight.shape\\[1\\] must equal K"):
+        ops.linear(x, w[:, :8].contiguous())
+    with pytest.raises(ValueError, match="weight must be 2-D"):
+        ops.linear(x, w.view(8, 2, 8))
+    with pytest.raises(ValueError, match="weight must be contiguous"):
+        ops.linear(x[:, :8], w.T)
+    with pytest.raises(ValueError, match="non-empty last dimension"):
+        ops.linear(x[:, :0], w[:, :0])
+    with pytest.raises(ValueError, match="at least one dimension"):
+        ops.linear(x[0, 0], w)
+    if device == "cpu" and torch.cuda.is_available():
+        with pytest.raises(ValueError, match="must be on the device of x"):
+            ops.linear(x, w.cuda())
+
+
+def test_quantize_int8_bad_input(device):
+    w = torch.randn(8, 16, device=device)
+    with pytest.raises(ValueError, match="group_size must be >= 0"):
+        ops.quantize_int8(w, -1)
+    with pytest.raises(ValueError, match="group_size must divide K"):
+        ops.quantize_int8(w, 5)
+    with pytest.raises(ValueError, match="weight must be float32, float16 or bfloat16"):
+        ops.quantize_int8(w.int(), 0)
+    with pytest.raises(ValueError, match="weight must be 2-D"):
+        ops.quantize_int8(w.flatten(), 0)
+    with pytest.raises(ValueError, match="weight must be contiguous"):
+        ops.quantize_int8(w.T, 0)
+    with pytest.raises(ValueError, match="non-empty second dimension"):
+        ops.quantize_int8(w[:, :0], 0)
+
+
+def test_linear_int8_bad_input(device):
+    x = torch.randn(2, 16, device=device)
+    q, s = ops.quantize_int8(torch.randn(8, 16, device=device), 4)
+    with pytest.raises(ValueError, match="x must be float32, float16 or bfloat16"):
+        ops.linear_int8(x.int(), q, s)
+    with pytest.raises(ValueError, match="qweight must be Char"):
+        ops.linear_int8(x, q.float(), s)
+    with pytest.raises(ValueError, match="qweight must be 2-D"):
+        ops.linear_int8(x, q.flatten(), s)
+    with pytest.raises(ValueError, match="qweight.shape\\[1\\] must equal K"):
+        ops.linear_int8(x[:, :8], q, s)
+    with pytest.raises(ValueError, match="qweight must be contiguous"):
+        ops.linear_int8(x, torch.cat([q, q], 1)[:, :16], s)
+    with pytest.raises(ValueError, match="scales must be Float"):
+        ops.linear_int8(x, q, s.double())
+    with pytest.raises(ValueError, match="scales must be 2-D"):
+        ops.linear_int8(x, q, s.flatten())
+    with pytest.raises(ValueError, match="scales.shape\\[0\\] must equal N"):
+        ops.linear_int8(x, q, s[:4])
+    with pytest.raises(ValueError, match="scales must be contiguous"):
+        ops.linear_int8(x, q, torch.cat([s, s], 1)[:, ::2])
+    with pytest.raises(ValueError, match="must divide K"):
+        ops.linear_int8(x, q, torch.ones(8, 3, device=device))
+    if device == "cpu" and torch.cuda.is_available():
+        with pytest.raises(ValueError, match="must be on the device of x"):
+            ops.linear_int8(x, q.cuda(), s.cuda())
+
+
+@pytest.mark.parametrize("m", [3, 12])  # GEMV and GEMM paths
+def test_linear_opcheck(m):
+    x = torch.randn(m, 40)
+    w = torch.randn(24, 40)
+    torch.library.opcheck(torch.ops.codellama.linear.default, (x, w))
+    torch.library.opcheck(torch.ops.codellama.quantize_int8.default, (w, 8))
+    q, s = ops.quantize_int8(w, 8)
+    torch.library.opcheck(torch.ops.codellama.linear_int8.default, (x, q, s))
