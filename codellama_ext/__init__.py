@@ -1,7 +1,7 @@
 """codellama_ext: a fast, small, dependable engine for Meta's CodeLlama models."""
 
 from . import ops, reference
-from .checkpoint import CheckpointError, convert_to_hf, open_checkpoint
+from .checkpoint import CheckpointError, convert_to_hf, convert_to_meta, open_checkpoint
 from .config import PRESETS, ConfigError, ModelArgs, preset
 from .model import Transformer, estimate_memory, load_model
 from .tokenizer import CodeLlamaTokenizer, IncrementalDetokenizer, InfillingNotSupported
@@ -10,6 +10,6 @@ __all__ = [
     "ops", "reference",
     "CodeLlamaTokenizer", "IncrementalDetokenizer", "InfillingNotSupported",
     "ModelArgs", "ConfigError", "PRESETS", "preset",
-    "CheckpointError", "open_checkpoint", "convert_to_hf",
+    "CheckpointError", "open_checkpoint", "convert_to_hf", "convert_to_meta",
     "Transformer", "load_model", "estimate_memory",
 ]

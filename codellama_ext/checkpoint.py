@@ -22,7 +22,7 @@ from .config import ConfigError, ModelArgs
 
 __all__ = ["CheckpointError", "Checkpoint", "open_checkpoint", "detect_format", "expected_shapes",
            "HF_NAMES", "meta_to_hf_name", "hf_to_meta_name", "permute_for_hf", "permute_for_meta",
-           "META_SPLIT_DIM", "convert_to_hf"]
+           "META_SPLIT_DIM", "convert_to_hf", "convert_to_meta"]
 
 
 class CheckpointError(ValueError):
@@ -463,3 +463,65 @@ def convert_to_hf(input_dir: str | os.PathLike, output_dir: str | os.PathLike, d
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return output_dir
+
+
+def convert_to_meta(input_dir: str | os.PathLike, output_dir: str | os.PathLike,
+                    dtype: torch.dtype | None = None) -> str:
+    """Writes an HF (or Meta) checkpoint as a one-shard Meta folder: params.json, consolidated.00.pth (a plain
+    dict of tensors, loadable with weights_only=True), tokenizer.model when present. q/k rows of HF input are
+    permuted back to Meta's interleaved order (inverse of SPEC §1.7). The tensors are read one at a time but a
+    .pth file is one pickle, so the whole state dict is held in memory before it is written. Written to a
+    temporary folder beside output_dir and renamed at the end: a failure leaves no half-written model."""
+    import shutil
+    import tempfile
+
+    ck = open_checkpoint(input_dir)
+    output_dir = os.path.abspath(os.fspath(output_dir))
+    if os.path.exists(output_dir):
+        raise CheckpointError(f"{output_dir}: already exists; choose a new output folder")
+    params = _meta_params(ck.args)
+    parent = os.path.dirname(output_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.partial-", dir=parent)
+    try:
+        sd: dict[str, torch.Tensor] = {}
+        for name, t in ck.tensors(dtype=dtype):
+            if ck.layout == "hf" and name.endswith("attention.wq.weight"):
+                t = permute_for_meta(t, ck.args.n_heads)
+            elif ck.layout == "hf" and name.endswith("attention.wk.weight"):
+                t = permute_for_meta(t, ck.args.n_kv_heads)
+            t = t.contiguous()
+            if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+                t = t.clone()  # a compact storage of its own: torch.save writes whole storages
+            sd[name] = t
+        with open(os.path.join(tmp, "params.json"), "w", encoding="utf-8") as f:
+            json.dump(params, f, indent=2)
+        torch.save(sd, os.path.join(tmp, "consolidated.00.pth"))
+        del sd
+        tok = os.path.join(ck.path, "tokenizer.model")
+        if os.path.isfile(tok):
+            shutil.copyfile(tok, os.path.join(tmp, "tokenizer.model"))
+        os.rename(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output_dir
+
+
+def _meta_params(args: ModelArgs) -> dict:
+    """params.json content whose multiple_of / ffn_dim_multiplier reproduce args.ffn_hidden through Meta's formula
+    (SPEC §1.3); HF configs only give the size: the roundest multiple_of (multiplier None, then 1.3, 1.0) wins, an
+    exact fractional multiplier is the last resort."""
+    from .config import ffn_hidden_size
+    F = args.ffn_hidden
+    h = int(2 * (4 * args.dim) / 3)
+    candidates = [(args.multiple_of, args.ffn_dim_multiplier)]
+    candidates += [(m, mult) for mult in (None, 1.3, 1.0) for m in (4096, 2048, 1024, 512, 256, 128, 64, 32, 16, 8,
+                                                                     4, 2, 1)]
+    candidates.append((1, (F + 0.5) / h))
+    for m, mult in candidates:
+        if ffn_hidden_size(args.dim, m, mult) == F:
+            params = args.replace(multiple_of=m, ffn_dim_multiplier=mult).to_meta_params()
+            params["vocab_size"] = args.vocab_size
+            return params
+    raise CheckpointError(f"FFN size {F} cannot be expressed with Meta's params.json keys for dim {args.dim}")
