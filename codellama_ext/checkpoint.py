@@ -9,11 +9,14 @@ both layouts give the same attention scores, SPEC §2). Pickles are only ever re
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
 import pickle
 import re
+import shutil
+import tempfile
 from typing import Iterator
 
 import torch
@@ -398,17 +401,10 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
 
 # ---- conversion (streaming) ----
-def convert_to_hf(input_dir: str | os.PathLike, output_dir: str | os.PathLike, dtype: torch.dtype | None = None,
-                  max_shard_bytes: int = 2 << 30) -> str:
-    """Writes a Meta (or HF) checkpoint as an HF folder: config.json, model-NNNNN-of-NNNNN.safetensors +
-    model.safetensors.index.json, tokenizer.model when present. q/k rows of Meta input are permuted per SPEC §1.7.
-    Streams one tensor at a time, holding at most one output shard (max_shard_bytes) in memory. Written to a
-    temporary folder beside output_dir and renamed at the end: a failure leaves no half-written model."""
-    import shutil
-    import tempfile
-    from safetensors.torch import save_file
-
-    ck = open_checkpoint(input_dir)
+@contextlib.contextmanager
+def _output_folder(output_dir: str | os.PathLike) -> Iterator[str]:
+    """A temporary folder beside output_dir, renamed to output_dir when the block succeeds and removed when it
+    fails: a failed or interrupted conversion leaves no half-written model behind."""
     output_dir = os.path.abspath(os.fspath(output_dir))
     if os.path.exists(output_dir):
         raise CheckpointError(f"{output_dir}: already exists; choose a new output folder")
@@ -416,6 +412,29 @@ def convert_to_hf(input_dir: str | os.PathLike, output_dir: str | os.PathLike, d
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.partial-", dir=parent)
     try:
+        yield tmp
+        os.rename(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _copy_tokenizer(ck: "Checkpoint", folder: str) -> None:
+    tok = os.path.join(ck.path, "tokenizer.model")
+    if os.path.isfile(tok):
+        shutil.copyfile(tok, os.path.join(folder, "tokenizer.model"))
+
+
+def convert_to_hf(input_dir: str | os.PathLike, output_dir: str | os.PathLike, dtype: torch.dtype | None = None,
+                  max_shard_bytes: int = 2 << 30) -> str:
+    """Writes a Meta (or HF) checkpoint as an HF folder: config.json, model-NNNNN-of-NNNNN.safetensors +
+    model.safetensors.index.json, tokenizer.model when present. q/k rows of Meta input are permuted per SPEC §1.7.
+    Streams one tensor at a time, holding at most one output shard (max_shard_bytes) in memory. Written to a
+    temporary folder beside output_dir and renamed at the end: a failure leaves no half-written model."""
+    from safetensors.torch import save_file
+
+    ck = open_checkpoint(input_dir)
+    with _output_folder(output_dir) as tmp:
         files: list[tuple[str, list[str]]] = []
         shard: dict[str, torch.Tensor] = {}
         size = total = 0
@@ -455,14 +474,8 @@ def convert_to_hf(input_dir: str | os.PathLike, output_dir: str | os.PathLike, d
         config["torch_dtype"] = str(out_dtype).removeprefix("torch.")
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2)
-        tok = os.path.join(ck.path, "tokenizer.model")
-        if os.path.isfile(tok):
-            shutil.copyfile(tok, os.path.join(tmp, "tokenizer.model"))
-        os.rename(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return output_dir
+        _copy_tokenizer(ck, tmp)
+    return os.path.abspath(os.fspath(output_dir))
 
 
 def convert_to_meta(input_dir: str | os.PathLike, output_dir: str | os.PathLike,
@@ -472,18 +485,9 @@ def convert_to_meta(input_dir: str | os.PathLike, output_dir: str | os.PathLike,
     permuted back to Meta's interleaved order (inverse of SPEC §1.7). The tensors are read one at a time but a
     .pth file is one pickle, so the whole state dict is held in memory before it is written. Written to a
     temporary folder beside output_dir and renamed at the end: a failure leaves no half-written model."""
-    import shutil
-    import tempfile
-
     ck = open_checkpoint(input_dir)
-    output_dir = os.path.abspath(os.fspath(output_dir))
-    if os.path.exists(output_dir):
-        raise CheckpointError(f"{output_dir}: already exists; choose a new output folder")
     params = _meta_params(ck.args)
-    parent = os.path.dirname(output_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.partial-", dir=parent)
-    try:
+    with _output_folder(output_dir) as tmp:
         sd: dict[str, torch.Tensor] = {}
         for name, t in ck.tensors(dtype=dtype):
             if ck.layout == "hf" and name.endswith("attention.wq.weight"):
@@ -498,14 +502,8 @@ def convert_to_meta(input_dir: str | os.PathLike, output_dir: str | os.PathLike,
             json.dump(params, f, indent=2)
         torch.save(sd, os.path.join(tmp, "consolidated.00.pth"))
         del sd
-        tok = os.path.join(ck.path, "tokenizer.model")
-        if os.path.isfile(tok):
-            shutil.copyfile(tok, os.path.join(tmp, "tokenizer.model"))
-        os.rename(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return output_dir
+        _copy_tokenizer(ck, tmp)
+    return os.path.abspath(os.fspath(output_dir))
 
 
 def _meta_params(args: ModelArgs) -> dict:
