@@ -419,6 +419,14 @@ def _output_folder(output_dir: str | os.PathLike) -> Iterator[str]:
         raise
 
 
+def _to_layout(ck: "Checkpoint", name: str, t: torch.Tensor, layout: str) -> torch.Tensor:
+    """t (a Meta-named tensor read from ck) with its q/k rows in `layout`'s rotary order (SPEC §1.7), contiguous."""
+    if ck.layout != layout and name.endswith(("attention.wq.weight", "attention.wk.weight")):
+        heads = ck.args.n_heads if name.endswith("wq.weight") else ck.args.n_kv_heads
+        t = (permute_for_hf if layout == "hf" else permute_for_meta)(t, heads)
+    return t.contiguous()
+
+
 def _copy_tokenizer(ck: "Checkpoint", folder: str) -> None:
     tok = os.path.join(ck.path, "tokenizer.model")
     if os.path.isfile(tok):
@@ -449,11 +457,7 @@ def convert_to_hf(input_dir: str | os.PathLike, output_dir: str | os.PathLike, d
 
         out_dtype = None
         for name, t in ck.tensors(dtype=dtype):
-            if ck.layout == "meta" and name.endswith("attention.wq.weight"):
-                t = permute_for_hf(t, ck.args.n_heads)
-            elif ck.layout == "meta" and name.endswith("attention.wk.weight"):
-                t = permute_for_hf(t, ck.args.n_kv_heads)
-            t = t.contiguous()
+            t = _to_layout(ck, name, t, "hf")
             out_dtype = out_dtype or t.dtype
             nbytes = t.numel() * t.element_size()
             if shard and size + nbytes > max_shard_bytes:
@@ -490,11 +494,7 @@ def convert_to_meta(input_dir: str | os.PathLike, output_dir: str | os.PathLike,
     with _output_folder(output_dir) as tmp:
         sd: dict[str, torch.Tensor] = {}
         for name, t in ck.tensors(dtype=dtype):
-            if ck.layout == "hf" and name.endswith("attention.wq.weight"):
-                t = permute_for_meta(t, ck.args.n_heads)
-            elif ck.layout == "hf" and name.endswith("attention.wk.weight"):
-                t = permute_for_meta(t, ck.args.n_kv_heads)
-            t = t.contiguous()
+            t = _to_layout(ck, name, t, "meta")
             if t.untyped_storage().nbytes() != t.numel() * t.element_size():
                 t = t.clone()  # a compact storage of its own: torch.save writes whole storages
             sd[name] = t
