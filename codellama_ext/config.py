@@ -135,6 +135,7 @@ class ModelArgs:
             raise ConfigError(f"{where}: hidden_act must be 'silu', got {act!r}")
         if config.get("rope_scaling") not in (None, {}):
             raise ConfigError(f"{where}: rope_scaling {config['rope_scaling']!r} is not supported (CodeLlama has none)")
+        rope_theta = _hf_rope_theta(where, config)
         for k in ("attention_bias", "mlp_bias"):
             if config.get(k):
                 raise ConfigError(f"{where}: {k}=true is not supported (CodeLlama has no biases)")
@@ -147,7 +148,7 @@ class ModelArgs:
                   ffn_hidden=config["intermediate_size"],
                   vocab_size=_resolve_vocab(where, config.get("vocab_size") or -1, vocab_size),
                   norm_eps=float(config.get("rms_norm_eps", 1e-5)),
-                  rope_theta=float(config.get("rope_theta", 10000.0)))
+                  rope_theta=rope_theta)
         try:
             return cls(**kw)
         except ConfigError as e:
@@ -189,6 +190,22 @@ def _read_json(path: str) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
+
+
+def _hf_rope_theta(where: str, config: dict[str, Any]) -> float:
+    """rope_theta of an HF config.json: top-level (transformers 4.x) or in rope_parameters (5.x writes
+    {"rope_type": "default", "rope_theta": ...} there instead). A scaled RoPE is refused, never ignored."""
+    theta = config.get("rope_theta")
+    rp = config.get("rope_parameters")
+    if rp not in (None, {}):
+        if not isinstance(rp, dict) or rp.get("rope_type", "default") != "default":
+            raise ConfigError(f"{where}: rope_parameters {rp!r} is not supported (CodeLlama uses the default RoPE)")
+        if "rope_theta" in rp:
+            if theta is not None and float(theta) != float(rp["rope_theta"]):
+                raise ConfigError(f"{where}: rope_theta {theta} disagrees with rope_parameters.rope_theta "
+                                  f"{rp['rope_theta']}")
+            theta = rp["rope_theta"]
+    return float(10000.0 if theta is None else theta)
 
 
 def _resolve_vocab(where: str, declared: Any, observed: int | None) -> int:

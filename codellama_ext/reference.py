@@ -110,8 +110,13 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 # ---- rotary embedding, SwiGLU gate, argmax / sampling (csrc/include/codellama/{rotary,activation,sampling}.h) ----
 
 def rope_inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
-    """Meta's precompute_freqs_cis: 1 / theta^(2i/D) in float32, i = 0 .. D/2 - 1."""
-    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device)[: head_dim // 2].float() / head_dim))
+    """Meta's precompute_freqs_cis: 1 / theta^(2i/D) in float32, i = 0 .. D/2 - 1.
+
+    Computed on the CPU and then moved, as Meta does (freqs_cis is built at model construction, on the host):
+    CUDA's float pow can differ by an ulp, and at positions near 16k an ulp of the frequency moves the angle
+    by ~1e-3 rad."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
+    return inv.to(device)
 
 
 def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float,

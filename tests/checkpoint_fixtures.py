@@ -20,6 +20,12 @@ def tiny_hf_config(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab=32016, ffn
                        initializer_range=init, attn_implementation="eager", torch_dtype="float32")
 
 
+def rope_theta(cfg) -> float:
+    """transformers 4.x keeps rope_theta on the config; 5.x moved it into rope_parameters."""
+    theta = getattr(cfg, "rope_theta", None)
+    return float(theta if theta is not None else cfg.rope_parameters["rope_theta"])
+
+
 def tiny_hf_model(seed=0, **kw):
     """A random LlamaForCausalLM in float32 (eager attention). Norm weights are randomised too (HF inits them to
     ones, which would hide a swapped norm)."""
@@ -94,7 +100,7 @@ def save_meta(model, folder, mp=1, dtype=None, vocab_in_params=False, rope_freqs
         multiple_of = next(m for m in (256, 128, 64, 32, 16, 8)
                            if ffn_hidden_size(cfg.hidden_size, m, None) == cfg.intermediate_size)
     params = {"dim": cfg.hidden_size, "n_layers": cfg.num_hidden_layers, "n_heads": cfg.num_attention_heads,
-              "multiple_of": multiple_of, "norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta}
+              "multiple_of": multiple_of, "norm_eps": cfg.rms_norm_eps, "rope_theta": rope_theta(cfg)}
     if cfg.num_key_value_heads != cfg.num_attention_heads:
         params["n_kv_heads"] = cfg.num_key_value_heads
     if vocab_in_params:
@@ -107,6 +113,6 @@ def save_meta(model, folder, mp=1, dtype=None, vocab_in_params=False, rope_freqs
     for s, shard in enumerate(shard_meta(sd, mp)):
         if rope_freqs:
             hd = cfg.hidden_size // cfg.num_attention_heads
-            shard["rope.freqs"] = 1.0 / cfg.rope_theta ** (torch.arange(0, hd, 2).float() / hd)
+            shard["rope.freqs"] = 1.0 / rope_theta(cfg) ** (torch.arange(0, hd, 2).float() / hd)
         torch.save(shard, os.path.join(folder, f"consolidated.{s:02d}.pth"))
     return folder

@@ -108,6 +108,22 @@ def test_config_readers(hf_models):
     assert ModelArgs.from_meta_params(m.to_meta_params(), vocab_size=32016) == m
 
 
+def test_hf_config_rope_parameters():
+    """transformers 5.x writes rope_theta inside rope_parameters; reading only the top-level key would silently
+    fall back to 1e4 for CodeLlama's 1e6."""
+    base = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 192,
+            "vocab_size": 32016}
+    v5 = dict(base, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+    assert ModelArgs.from_hf_config(v5).rope_theta == 1e6
+    assert ModelArgs.from_hf_config(dict(v5, rope_theta=1e6)).rope_theta == 1e6
+    assert ModelArgs.from_hf_config(base).rope_theta == 1e4
+    with pytest.raises(ConfigError, match="disagrees with rope_parameters"):
+        ModelArgs.from_hf_config(dict(v5, rope_theta=1e4))
+    with pytest.raises(ConfigError, match="rope_parameters .* not supported"):
+        ModelArgs.from_hf_config(dict(base, rope_parameters={"rope_type": "linear", "factor": 2.0,
+                                                              "rope_theta": 1e6}))
+
+
 @pytest.mark.parametrize("params,match", [
     ({"dim": 100, "n_layers": 2, "n_heads": 3}, "must divide dim"),
     ({"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 3}, "must divide n_heads"),

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One-call check for a lent GPU machine: build the extension in place (sm_90 by default), run every CUDA
+# test case, then the kernel benchmarks. Each stage has its own time limit so a hang in one still leaves
+# the others' results; tests run in pytest-xdist workers so a crash fails one test, not the run. Logs land
+# in $OUT (the device tool's folder) or build/gpu-check.
+#   bash tools/gpu_check.sh            # stages: env, build, tests, bench
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/build/gpu-check}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+PY="${PYTHON:-python3}"
+# The lent machines put a second g++ (/opt/gcc) first on PATH; an extension built with it crashes inside
+# libstdc++'s ostream as soon as an error message is formatted. The system compiler matches torch's libstdc++.
+if [ -z "${CXX:-}" ] && [ -x /usr/bin/g++ ]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  "$PY" -c "import torch, sys; print(sys.version.split()[0], torch.__version__, torch.version.cuda)"
+  nvcc --version | tail -1; "${CXX:-g++}" --version | head -1; } 2>&1 | tee "$OUT/env.txt"
+
+start=$(date +%s)
+timeout "${BUILD_S:-240}" "$PY" setup.py build_ext --inplace >"$OUT/build.log" 2>&1
+rc=$?; echo "build rc=$rc in $(( $(date +%s) - start )) s"
+if [ $rc -ne 0 ]; then grep -E "error|Error" "$OUT/build.log" | head -40; tail -20 "$OUT/build.log"; exit 1; fi
+
+start=$(date +%s)
+timeout "${TEST_S:-150}" "$PY" -m pytest -q -k cuda -p no:cacheprovider --continue-on-collection-errors \
+  -n "${TEST_WORKERS:-8}" -rfE tests 2>&1 | tee "$OUT/tests.log" | tail -50
+echo "tests took $(( $(date +%s) - start )) s"
+
+start=$(date +%s)
+timeout "${BENCH_S:-120}" "$PY" tools/bench_kernels.py --device cuda 2>&1 | tee "$OUT/bench.log"
+echo "bench took $(( $(date +%s) - start )) s"
