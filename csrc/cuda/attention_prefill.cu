@@ -4,10 +4,7 @@
 // One block of 256 threads per (64-query tile, query head, sequence); Q, a 64-key K tile and then the V tile
 // are staged in shared memory as fp32; 4 threads per query row (each 16 keys of a tile, D/4 output dims).
 // No T x T matrix is materialised; the grid comes from max_query_len (host value, no device sync).
-// fp16 / bf16 use a tensor-core variant (WMMA 16x16x16, fp32 accumulate) of the same algorithm: 4 warps of 16
-// query rows each; S = Q K^T and O += round(P) V on tensor cores, the online softmax on S in shared memory.
-#include <mma.h>
-
+// fp16 / bf16 use a tensor-core variant of the same algorithm (below: mma.sync, registers, cp.async).
 #include <cmath>
 #include <type_traits>
 
@@ -142,150 +139,215 @@ prefill_kernel(T* __restrict__ out, const T* __restrict__ q, int64_t q_rs, int64
 }
 
 
-// ---- tensor-core variant (fp16 / bf16) ----
-constexpr int kTcThreads = 128;  // 4 warps x 16 query rows
+// ---- tensor-core variant (fp16 / bf16): flash-attention-2 on mma.sync m16n8k16 ----
+// 4 warps x 16 query rows. Q fragments stay in registers for the whole key loop; S = Q K^T and O += P V
+// accumulate in fp32 registers (C fragments), the online softmax runs on those registers (each row lives in
+// one quad of lanes), and the C fragments of P become the A fragments of P V without leaving registers.
+// K / V tiles are double-buffered in shared memory with cp.async: tile t + 1 loads while tile t computes.
+// Blocks take query tiles from the last one down, so the longest causal rows start first.
+constexpr int kTcThreads = 128;
 
 template <int D>
-struct TcLayout {  // shared-memory leading dimensions (elements) and byte offsets; all 32-byte aligned
-  static constexpr int LDH = D + 8;    // Q, K, V tiles (16-bit)
-  static constexpr int LDS = kBN + 4;  // S (fp32)
-  static constexpr int LDP = kBN + 8;  // P (16-bit)
-  static constexpr int LDO = D + 4;    // O accumulator (fp32)
-  static constexpr size_t q = 0;
-  static constexpr size_t k = q + 2 * kBM * LDH;
-  static constexpr size_t v = k + 2 * kBN * LDH;
-  static constexpr size_t s = v + 2 * kBN * LDH;
-  static constexpr size_t p = s + 4 * kBM * LDS;
-  static constexpr size_t o = p + 2 * kBM * LDP;
-  static constexpr size_t bytes = o + 4 * kBM * LDO;
+struct TcLayout {
+  static constexpr int LD = D + 8;  // 16-bit elements per shared row: 16-byte rows that ldmatrix reads conflict-free
+  static constexpr size_t bytes = 2 * static_cast<size_t>(kBM + 4 * kBN) * LD;  // Q, K[2], V[2]
 };
+
+template <typename T> struct Mma;
+template <> struct Mma<__half> {
+  static __device__ __forceinline__ void run(float* c, const uint32_t* a, const uint32_t* b) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    const __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  }
+};
+template <> struct Mma<__nv_bfloat16> {
+  static __device__ __forceinline__ void run(float* c, const uint32_t* a, const uint32_t* b) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  }
+};
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+// Four 8x8 16-bit matrices; lane l gives the address of row l % 8 of matrix l / 8; register i holds matrix i,
+// row lane / 4, columns 2 (lane % 4) and + 1 (transposed: rows 2 (lane % 4) and + 1, column lane / 4).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t* r, const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+}
+// 16 bytes global -> shared, asynchronously; zero-filled when !valid (nothing is read).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all_but_newest() { asm volatile("cp.async.wait_group 1;\n" ::); }
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kTcThreads)
 prefill_tc_kernel(T* __restrict__ out, const T* __restrict__ q, int64_t q_rs, int64_t q_hs, const T* __restrict__ kc,
                   const T* __restrict__ vc, int64_t Bc, int64_t S, int Hkv, int Hq, const int32_t* __restrict__ cu,
                   const int32_t* __restrict__ start_pos, const int32_t* __restrict__ slots, float scale) {
-  namespace wmma = nvcuda::wmma;
-  using L = TcLayout<D>;
-  constexpr int kVec = 8;  // 16-bit elements per 16-byte load
+  constexpr int LD = TcLayout<D>::LD;
+  constexpr int kChunks = D / 8;  // 16-byte chunks per row
   extern __shared__ __align__(128) unsigned char tc_smem[];
-  T* Qs = reinterpret_cast<T*>(tc_smem + L::q);
-  T* Ks = reinterpret_cast<T*>(tc_smem + L::k);
-  T* Vs = reinterpret_cast<T*>(tc_smem + L::v);
-  float* Ss = reinterpret_cast<float*>(tc_smem + L::s);
-  T* Ps = reinterpret_cast<T*>(tc_smem + L::p);
-  float* Os = reinterpret_cast<float*>(tc_smem + L::o);
+  T* Qs = reinterpret_cast<T*>(tc_smem);  // [kBM][LD]
+  T* Ks = Qs + kBM * LD;                  // [2][kBN][LD]
+  T* Vs = Ks + 2 * kBN * LD;              // [2][kBN][LD]
 
   const int b = blockIdx.z, h = blockIdx.y, tid = threadIdx.x;
-  const int warp = tid >> 5, lane = tid & 31;
+  const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, tig = lane & 3;
   const int64_t seq0 = cu[b];
   const int64_t len = static_cast<int64_t>(cu[b + 1]) - seq0;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBM;
+  const int64_t m0 = static_cast<int64_t>(gridDim.x - 1 - blockIdx.x) * kBM;
   if (m0 >= len) return;  // uniform over the block
   const int rows = static_cast<int>(len - m0 < kBM ? len - m0 : kBM);
   const int64_t slot = slots[b], start = start_pos[b];
-  // softmax / output mapping: 2 lanes per row, each half of the keys of a tile and half of the output dims
-  const int r = warp * 16 + (lane >> 1), side = lane & 1;
-  T* orow = out + ((seq0 + m0 + r) * Hq + h) * D;
-  if (slot < 0 || slot >= Bc || start < 0) {
-    if (r < rows) {
-      for (int d = side * (D / 2); d < (side + 1) * (D / 2); ++d) orow[d] = from_f<T>(0.f);
-    }
+  if (slot < 0 || slot >= Bc || start < 0) {  // invalid indices (validated on the host): zeros, no reads
+    for (int i = tid; i < rows * D; i += kTcThreads) out[((seq0 + m0 + i / D) * Hq + h) * D + i % D] = from_f<T>(0.f);
     return;
   }
   const int kvh = h / (Hq / Hkv);
   const int64_t kv_rs = static_cast<int64_t>(Hkv) * D;
   const T* kb = kc + slot * S * kv_rs + kvh * D;
   const T* vb = vc + slot * S * kv_rs + kvh * D;
-  const int64_t nkeys_all = start + m0 + rows;
+  const int64_t nkeys_all = start + m0 + rows;  // keys 0 .. the last row's position
   const int64_t nkeys = nkeys_all < S ? nkeys_all : S;
+  const int ntiles = static_cast<int>((nkeys + kBN - 1) / kBN);
 
-  for (int i = tid; i < kBM * D; i += kTcThreads) {
+  auto load_tile = [&](int t, int buf) {
+    T* kd = Ks + buf * kBN * LD;
+    T* vd = Vs + buf * kBN * LD;
+    for (int i = tid; i < kBN * kChunks; i += kTcThreads) {
+      const int j = i / kChunks, c = i - j * kChunks;
+      const int64_t key = static_cast<int64_t>(t) * kBN + j;
+      const bool valid = key < nkeys;
+      const int64_t off = (valid ? key : 0) * kv_rs + c * 8;
+      cp_async16(kd + j * LD + c * 8, kb + off, valid);
+      cp_async16(vd + j * LD + c * 8, vb + off, valid);
+    }
+  };
+  load_tile(0, 0);
+  cp_async_commit();
+  for (int i = tid; i < kBM * D; i += kTcThreads) {  // Q rows may be strided views: element loads, once
     const int rr = i / D, d = i - rr * D;
-    Qs[rr * L::LDH + d] = rr < rows ? q[(seq0 + m0 + rr) * q_rs + h * q_hs + d] : from_f<T>(0.f);
-    Os[rr * L::LDO + d] = 0.f;
+    Qs[rr * LD + d] = rr < rows ? q[(seq0 + m0 + rr) * q_rs + h * q_hs + d] : from_f<T>(0.f);
   }
-  const int64_t qpos = start + m0 + r;
-  float m_i = -INFINITY, l_i = 0.f;
+  __syncthreads();
+  uint32_t qf[D / 16][4];  // A fragments of this warp's 16 rows
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) ldmatrix_x4(qf[kk], Qs + (warp * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8);
 
-  for (int64_t n0 = 0; n0 < nkeys; n0 += kBN) {
-    __syncthreads();  // Q / O staged (first tile), previous K / V consumed by every warp
-    for (int i = tid; i < kBN * (D / kVec); i += kTcThreads) {
-      const int j = i / (D / kVec), c = i - j * (D / kVec);
-      uint4 kv4 = make_uint4(0u, 0u, 0u, 0u), vv4 = make_uint4(0u, 0u, 0u, 0u);
-      if (n0 + j < nkeys) {
-        kv4 = *reinterpret_cast<const uint4*>(kb + (n0 + j) * kv_rs + c * kVec);
-        vv4 = *reinterpret_cast<const uint4*>(vb + (n0 + j) * kv_rs + c * kVec);
-      }
-      *reinterpret_cast<uint4*>(Ks + j * L::LDH + c * kVec) = kv4;
-      *reinterpret_cast<uint4*>(Vs + j * L::LDH + c * kVec) = vv4;
-    }
+  float o[D / 8][4];
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};  // rows g and g + 8; l: this lane's share
+  const int64_t qpos0 = start + m0 + warp * 16 + g;                   // absolute positions of rows g, g + 8
+
+  for (int t = 0; t < ntiles; ++t) {
+    const int buf = t & 1;
+    if (t + 1 < ntiles) load_tile(t + 1, buf ^ 1);
+    cp_async_commit();  // possibly empty: keeps "all but the newest group" meaning "tile t"
+    cp_async_wait_all_but_newest();
     __syncthreads();
-    // S (this warp's 16 rows x 64 keys) = Q K^T in fp32
+    const T* Kt = Ks + buf * kBN * LD;
+    const T* Vt = Vs + buf * kBN * LD;
+
+    float s[kBN / 8][4];
 #pragma unroll
-    for (int nb = 0; nb < kBN / 16; ++nb) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::fill_fragment(acc, 0.f);
+    for (int j = 0; j < kBN / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
 #pragma unroll
-      for (int kb16 = 0; kb16 < D / 16; ++kb16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bt;
-        wmma::load_matrix_sync(a, Qs + warp * 16 * L::LDH + kb16 * 16, L::LDH);
-        wmma::load_matrix_sync(bt, Ks + nb * 16 * L::LDH + kb16 * 16, L::LDH);
-        wmma::mma_sync(acc, a, bt, acc);
+    for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+      for (int nb = 0; nb < kBN / 16; ++nb) {
+        uint32_t kf[4];  // B fragments of key tiles 2 nb and 2 nb + 1
+        ldmatrix_x4(kf, Kt + (nb * 16 + (lane & 7) + (lane >> 4) * 8) * LD + kk * 16 + ((lane >> 3) & 1) * 8);
+        Mma<T>::run(s[2 * nb], qf[kk], kf);
+        Mma<T>::run(s[2 * nb + 1], qf[kk], kf + 2);
       }
-      wmma::store_matrix_sync(Ss + warp * 16 * L::LDS + nb * 16, acc, L::LDS, wmma::mem_row_major);
     }
-    __syncwarp();
-    // online softmax of row r over keys side * 32 .. + 31 (rotated start: fewer bank conflicts)
-    float* srow = Ss + r * L::LDS + side * 32;
-    T* prow = Ps + r * L::LDP + side * 32;
-    float mx = -INFINITY;
-    for (int jj = 0; jj < 32; ++jj) {
-      const int j = (jj + lane) & 31;
-      const int64_t key = n0 + side * 32 + j;
-      const float sv = key <= qpos && key < nkeys ? srow[j] * scale : -INFINITY;
-      srow[j] = sv;
-      mx = fmaxf(mx, sv);
-    }
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    const float m_new = fmaxf(m_i, mx);  // finite: key 0 is in the first tile and <= qpos
-    float sum = 0.f;
-    for (int jj = 0; jj < 32; ++jj) {
-      const int j = (jj + lane) & 31;
-      const float pv = expf(srow[j] - m_new);
-      sum += pv;
-      prow[j] = from_f<T>(pv);
-    }
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    const float alpha = expf(m_i - m_new);
-    l_i = l_i * alpha + sum;
-    m_i = m_new;
-    float* orow_s = Os + r * L::LDO + side * (D / 2);
-    for (int d = 0; d < D / 2; ++d) orow_s[d] *= alpha;
-    __syncwarp();
-    // O (this warp's 16 rows x D) += P V
+    // mask, running max, p = exp(s - m); element e of key tile j: row g + 8 (e / 2), key 8 j + 2 tig + e % 2
+    const int64_t key0 = static_cast<int64_t>(t) * kBN + 2 * tig;
+    float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-    for (int cb = 0; cb < D / 16; ++cb) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::load_matrix_sync(acc, Os + warp * 16 * L::LDO + cb * 16, L::LDO, wmma::mem_row_major);
+    for (int j = 0; j < kBN / 8; ++j) {
 #pragma unroll
-      for (int kb16 = 0; kb16 < kBN / 16; ++kb16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bv;
-        wmma::load_matrix_sync(a, Ps + warp * 16 * L::LDP + kb16 * 16, L::LDP);
-        wmma::load_matrix_sync(bv, Vs + kb16 * 16 * L::LDH + cb * 16, L::LDH);
-        wmma::mma_sync(acc, a, bv, acc);
+      for (int e = 0; e < 4; ++e) {
+        const int64_t key = key0 + 8 * j + (e & 1);
+        const bool ok = key <= qpos0 + 8 * (e >> 1) && key < nkeys;
+        s[j][e] = ok ? s[j][e] * scale : -INFINITY;
+        mx[e >> 1] = fmaxf(mx[e >> 1], s[j][e]);
       }
-      wmma::store_matrix_sync(Os + warp * 16 * L::LDO + cb * 16, acc, L::LDO, wmma::mem_row_major);
     }
-    __syncwarp();
+    float alpha[2], m_use[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+      const float m_new = fmaxf(m_run[r], mx[r]);
+      m_use[r] = m_new == -INFINITY ? 0.f : m_new;  // a row with no key yet: p = 0, no NaN
+      alpha[r] = expf(m_run[r] - m_use[r]);
+      m_run[r] = m_new;
+      l_run[r] *= alpha[r];
+    }
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) {
+      o[j][0] *= alpha[0]; o[j][1] *= alpha[0]; o[j][2] *= alpha[1]; o[j][3] *= alpha[1];
+    }
+#pragma unroll
+    for (int j = 0; j < kBN / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[j][e] = expf(s[j][e] - m_use[e >> 1]);
+        l_run[e >> 1] += s[j][e];
+      }
+    }
+    // O += round(P) V: the C fragments of key tiles 2 kk, 2 kk + 1 are the A fragment of key step kk
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) {
+      const uint32_t pf[4] = {Mma<T>::pack(s[2 * kk][0], s[2 * kk][1]), Mma<T>::pack(s[2 * kk][2], s[2 * kk][3]),
+                              Mma<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                              Mma<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+      for (int nb = 0; nb < D / 16; ++nb) {
+        uint32_t vf[4];  // B fragments of output-dim tiles 2 nb and 2 nb + 1
+        ldmatrix_x4_trans(vf, Vt + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + nb * 16 + (lane >> 4) * 8);
+        Mma<T>::run(o[2 * nb], pf, vf);
+        Mma<T>::run(o[2 * nb + 1], pf, vf + 2);
+      }
+    }
+    __syncthreads();  // every warp is done with buffer `buf` before iteration t + 1 refills it
   }
-  __syncthreads();  // O staged by other threads when there was no key tile at all
-  if (r < rows) {
-    const float inv = l_i > 0.f ? 1.f / l_i : 0.f;
-    const float* orow_s = Os + r * L::LDO;
-    for (int d = side * (D / 2); d < (side + 1) * (D / 2); ++d) orow[d] = from_f<T>(orow_s[d] * inv);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 1);
+    l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 2);
+    const int row = warp * 16 + g + 8 * r;
+    if (row >= rows) continue;
+    const float inv = l_run[r] > 0.f ? 1.f / l_run[r] : 0.f;
+    T* orow = out + ((seq0 + m0 + row) * Hq + h) * D + 2 * tig;
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) {
+      orow[8 * j] = from_f<T>(o[j][2 * r] * inv);
+      orow[8 * j + 1] = from_f<T>(o[j][2 * r + 1] * inv);
+    }
   }
 }
 
