@@ -3,7 +3,9 @@
 //   p = round(exp(q.k * scale - m)) before P.v; combine: out = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M).
 // The number of splits depends on shapes only (decode_num_splits), so the launch is CUDA-graph capturable;
 // splits past seq_len write empty partials (m = -inf, l = 0, acc = 0). Each block handles up to 8 query heads
-// of one kv group, so each K/V row is read once per group.
+// of one kv group, so each K/V row is read once per group. Scores: 8 lanes per key row; P.v: each thread
+// loads 16 bytes of a V row (a block has 8 to 32 rows in flight) and the row groups' partial sums are added
+// once at the end of the split.
 #include <cmath>
 
 #include "codellama/attention.h"
@@ -37,13 +39,15 @@ decode_split_kernel(const T* __restrict__ q, int64_t q_rs, int64_t q_hs, const T
                     const T* __restrict__ vc, int64_t Bc, int64_t S, int Hkv, int Hq, int GB,
                     const int32_t* __restrict__ slots, const int32_t* __restrict__ seq_lens, float scale,
                     float* __restrict__ ws, int splits, int chunk) {
-  constexpr int E = D / 8;       // elements of a key row per lane (8 lanes per key)
-  constexpr int R = kThreads / D;  // key rows processed in parallel in P.v
-  static_assert(R >= 1 && kThreads % D == 0, "head_dim must divide the block size");
+  constexpr int E = D / 8;       // elements of a key row per lane (8 lanes per key) in the scores
+  constexpr int VE = 16 / sizeof(T);  // elements of a V row per thread (one 16-byte load) in P.v
+  constexpr int TPR = D / VE;         // threads per V row
+  constexpr int RP = kThreads / TPR;  // V rows in flight at once
+  static_assert(kThreads % TPR == 0, "head_dim must divide the block's 16-byte lanes");
   __shared__ __align__(16) float qs[kMaxGroup][D];
   __shared__ float ss[kMaxGroup][kTile];
   __shared__ float m_s[kMaxGroup], l_s[kMaxGroup], alpha_s[kMaxGroup];
-  __shared__ float red[R > 1 ? kMaxGroup * kThreads : 1];
+  __shared__ float red[RP][kMaxGroup][D];  // per V-row lane group partial P.v, summed at the end
 
   const int split = blockIdx.x, b = blockIdx.z;
   const int h0 = blockIdx.y * GB, G = Hq / Hkv, kvh = h0 / G;
@@ -80,10 +84,13 @@ decode_split_kernel(const T* __restrict__ q, int64_t q_rs, int64_t q_hs, const T
   const T* kb = kc + slot * S * kv_rs + kvh * D;
   const T* vb = vc + slot * S * kv_rs + kvh * D;
   const int lane = tid & 31, warp = tid >> 5, sub = lane >> 3, part = lane & 7;
-  const int d = tid % D, r = tid / D;
-  float acc[kMaxGroup];
+  const int vc0 = (tid % TPR) * VE, vr = tid / TPR;  // this thread's V dims vc0 .. vc0 + VE - 1, rows vr + RP i
+  float acc[kMaxGroup][VE];
 #pragma unroll
-  for (int g = 0; g < kMaxGroup; ++g) acc[g] = 0.f;
+  for (int g = 0; g < kMaxGroup; ++g) {
+#pragma unroll
+    for (int e = 0; e < VE; ++e) acc[g][e] = 0.f;
+  }
 
   for (int64_t j0 = k0; j0 < k1; j0 += kTile) {
     const int n = static_cast<int>(k1 - j0 < kTile ? k1 - j0 : kTile);
@@ -126,35 +133,44 @@ decode_split_kernel(const T* __restrict__ q, int64_t q_rs, int64_t q_hs, const T
       }
     }
     __syncthreads();
-    // acc[g] (dim d, rows r, r + R, ...) = acc[g] * alpha + sum_j p[g][j] v_j[d]
+    // acc[g][e] (dim vc0 + e, rows vr, vr + RP, ...) = acc[g][e] * alpha + sum_j p[g][j] v_j[vc0 + e]
 #pragma unroll
-    for (int g = 0; g < kMaxGroup; ++g) acc[g] *= g < GB ? alpha_s[g] : 0.f;
-    for (int jj = r; jj < n; jj += R) {
-      const float vv = to_f(vb[(j0 + jj) * kv_rs + d]);
+    for (int g = 0; g < kMaxGroup; ++g) {
+      const float alpha = g < GB ? alpha_s[g] : 0.f;
+#pragma unroll
+      for (int e = 0; e < VE; ++e) acc[g][e] *= alpha;
+    }
+    for (int jj = vr; jj < n; jj += RP) {
+      float vv[VE];
+      load_row<T, VE>(vb + (j0 + jj) * kv_rs + vc0, vv);
 #pragma unroll
       for (int g = 0; g < kMaxGroup; ++g) {
-        if (g < GB) acc[g] = fmaf(ss[g][jj], vv, acc[g]);
+        if (g < GB) {
+          const float p = ss[g][jj];
+#pragma unroll
+          for (int e = 0; e < VE; ++e) acc[g][e] = fmaf(p, vv[e], acc[g][e]);
+        }
       }
     }
     __syncthreads();  // ss / alpha_s are rewritten by the next tile
   }
 
-  if constexpr (R > 1) {
 #pragma unroll
-    for (int g = 0; g < kMaxGroup; ++g) red[g * kThreads + tid] = acc[g];
-    __syncthreads();
-    if (r == 0) {
+  for (int g = 0; g < kMaxGroup; ++g) {  // constant indices keep acc in registers
+    if (g < GB) {
 #pragma unroll
-      for (int g = 0; g < kMaxGroup; ++g)
-        for (int rr = 1; rr < R; ++rr) acc[g] += red[g * kThreads + rr * D + d];
+      for (int e = 0; e < VE; ++e) red[vr][g][vc0 + e] = acc[g][e];
     }
   }
-  if (r == 0) {
-    for (int g = 0; g < GB; ++g) {
-      const int64_t idx = (static_cast<int64_t>(b) * Hq + h0 + g) * splits + split;
-      ws_acc[idx * D + d] = acc[g];
-      if (d == 0) { ws_m[idx] = m_s[g]; ws_l[idx] = l_s[g]; }
-    }
+  __syncthreads();
+  for (int i = tid; i < GB * D; i += kThreads) {
+    const int g = i / D, d = i - g * D;
+    float sum = 0.f;
+#pragma unroll
+    for (int rr = 0; rr < RP; ++rr) sum += red[rr][g][d];
+    const int64_t idx = (static_cast<int64_t>(b) * Hq + h0 + g) * splits + split;
+    ws_acc[idx * D + d] = sum;
+    if (d == 0) { ws_m[idx] = m_s[g]; ws_l[idx] = l_s[g]; }
   }
 }
 

@@ -2,12 +2,14 @@
 // decode GEMVs (M <= 8 rows; more rows go to cuBLAS from the binding, see codellama/linear.h), int8
 // quantisation and dequantisation.
 //
-// GEMV: a block of 8 warps computes 8 output rows, one warp per row n. Each lane streams 16 bytes of W per step
-// (8 bf16/fp16, 4 fp32 or 16 int8 weights) with read-only loads, reads the matching activations of all M rows
-// (16-byte loads too; they are shared by every block, so L1/L2 hits), multiplies in fp32 (int8 weights times
-// their group scale first) and accumulates M partial dots in fp32 registers; a warp-shuffle reduction gives
-// y[m, n]. When a pointer, K or the group size does not allow 16-byte steps, the same kernel runs with
-// element-wise loads (kVec = false).
+// GEMV: each warp computes 2 output rows, a block of 4 warps 8 rows. Per step a lane issues 4 16-byte weight
+// loads for each of its rows before using any (8 loads, 4 KB per warp in flight: decode GEMVs are
+// latency-bound otherwise), with L1::no_allocate since weights are read once; activations come through
+// L1/L2 (__ldg, shared by all blocks) and each is used for both rows. int8 weights are multiplied by their
+// group scale in fp32 first. The number of activation rows is a template bucket (1, 2, 4, 8), so the
+// accumulators stay in registers with no per-row branches; rows past M repeat row M - 1 and are not
+// stored. A warp-shuffle reduction gives y[m, n]. When a pointer, K or the group size does not allow
+// 16-byte steps, a plain kernel with element-wise loads runs instead.
 #include <cstdint>
 
 #include "codellama/linear.h"
@@ -20,8 +22,12 @@ __device__ __forceinline__ float to_f(int8_t v) { return static_cast<float>(v); 
 
 namespace {
 
-constexpr int kRowsPerBlock = 8;  // one warp per output row
+constexpr int kWarps = 4;  // per GEMV block
+constexpr int kRowsPerWarp = 2;
+constexpr int kRowsPerBlock = kWarps * kRowsPerWarp;
+constexpr int kLoads = 4;  // 16-byte weight loads in flight per row and lane
 constexpr int kMaxM = 8;
+constexpr int kQuantWarps = 8;  // quantize_int8: one warp per (row, group)
 
 // 16 bytes -> 16 / sizeof(T) floats.
 __device__ __forceinline__ void unpack(const uint4& u, float* f, const float*) {
@@ -51,48 +57,111 @@ __device__ __forceinline__ void load_vec(const T* p, float* f) {
   for (int i = 0; i < E / per; ++i) unpack(__ldg(reinterpret_cast<const uint4*>(p) + i), f + i * per, p);
 }
 
-// T: activation type; W: weight type (T, or int8_t with kScaled). scales [N, G] used when kScaled.
-template <typename T, typename W, bool kScaled, bool kVec>
-__global__ void __launch_bounds__(kRowsPerBlock * 32)
+// A weight load that bypasses L1 (each weight is read once per call).
+__device__ __forceinline__ uint4 ld_stream(const void* p) {
+  uint4 r;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+      : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+  return r;
+}
+
+// T: activation type; W: weight type (T, or int8_t with kScaled); scales [N, G] used when kScaled; MB >= M.
+template <typename T, typename W, bool kScaled, int MB>
+__global__ void __launch_bounds__(kWarps * 32)
 gemv_kernel(T* __restrict__ y, const T* __restrict__ x, int64_t x_stride, const W* __restrict__ w,
             const float* __restrict__ scales, int M, int64_t N, int64_t K, int64_t gs, int64_t G) {
+  constexpr int E = 16 / sizeof(W);        // weights per 16-byte load
+  constexpr int64_t kStep = 32 * E;        // row elements per warp-wide load
+  constexpr int R = kRowsPerWarp;
   const int lane = threadIdx.x & 31;
-  const int64_t n = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + (threadIdx.x >> 5);
-  if (n >= N) return;  // uniform over the warp: the shuffles below see all 32 lanes
+  const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5)) * R;
+  if (n0 >= N) return;  // uniform over the warp: the shuffles below see all 32 lanes
+  const W* wr[R];
+  const float* sr[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int64_t n = n0 + r < N ? n0 + r : N - 1;  // past N: recomputes row N - 1, never stored
+    wr[r] = w + n * K;
+    sr[r] = kScaled ? scales + n * G : nullptr;
+  }
+  const T* xr[MB];
+#pragma unroll
+  for (int m = 0; m < MB; ++m) xr[m] = x + (m < M ? m : M - 1) * x_stride;
+  float acc[R][MB];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+#pragma unroll
+    for (int m = 0; m < MB; ++m) acc[r][m] = 0.f;
+  }
+  // Dots of the weights at k .. k + E - 1 (already loaded: wv[r]) with every activation row.
+  auto fma_step = [&](const uint4* wv, int64_t k) {
+    float wf[R][E];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      unpack(wv[r], wf[r], wr[r]);
+      if constexpr (kScaled) {
+        const float s = sr[r][k / gs];  // gs % E == 0: the E weights share one group
+#pragma unroll
+        for (int i = 0; i < E; ++i) wf[r][i] *= s;
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < MB; ++m) {
+      float xf[E];
+      load_vec<T, E>(xr[m] + k, xf);
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+#pragma unroll
+        for (int i = 0; i < E; ++i) acc[r][m] = fmaf(wf[r][i], xf[i], acc[r][m]);
+      }
+    }
+  };
+  int64_t k = static_cast<int64_t>(lane) * E;
+  for (; k + (kLoads - 1) * kStep < K; k += kLoads * kStep) {
+    uint4 wv[kLoads][R];
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) wv[u][r] = ld_stream(wr[r] + k + u * kStep);
+    }
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) fma_step(wv[u], k + u * kStep);
+  }
+  for (; k < K; k += kStep) {
+    uint4 wv[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) wv[r] = ld_stream(wr[r] + k);
+    fma_step(wv, k);
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+#pragma unroll
+    for (int m = 0; m < MB; ++m) {
+      const float v = warp_sum(acc[r][m]);
+      if (lane == 0 && m < M && n0 + r < N) y[m * N + n0 + r] = from_f<T>(v);
+    }
+  }
+}
+
+// Any alignment: one warp per output row, element-wise loads.
+template <typename T, typename W, bool kScaled>
+__global__ void __launch_bounds__(kWarps * 32)
+gemv_scalar_kernel(T* __restrict__ y, const T* __restrict__ x, int64_t x_stride, const W* __restrict__ w,
+                   const float* __restrict__ scales, int M, int64_t N, int64_t K, int64_t gs, int64_t G) {
+  const int lane = threadIdx.x & 31;
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  if (n >= N) return;
   const W* wr = w + n * K;
   const float* sr = kScaled ? scales + n * G : nullptr;
   float acc[kMaxM];
 #pragma unroll
   for (int m = 0; m < kMaxM; ++m) acc[m] = 0.f;
-  if constexpr (kVec) {
-    constexpr int E = 16 / sizeof(W);  // weights per lane per step
-#pragma unroll 4
-    for (int64_t k = static_cast<int64_t>(lane) * E; k < K; k += 32 * E) {
-      float wf[E];
-      load_vec<W, E>(wr + k, wf);
-      if constexpr (kScaled) {
-        const float s = sr[k / gs];  // gs % E == 0: the E weights share one group
+  for (int64_t k = lane; k < K; k += 32) {
+    float wf = to_f(wr[k]);
+    if constexpr (kScaled) wf *= sr[k / gs];
 #pragma unroll
-        for (int i = 0; i < E; ++i) wf[i] *= s;
-      }
-#pragma unroll
-      for (int m = 0; m < kMaxM; ++m) {
-        if (m < M) {
-          float xf[E];
-          load_vec<T, E>(x + m * x_stride + k, xf);
-#pragma unroll
-          for (int i = 0; i < E; ++i) acc[m] = fmaf(wf[i], xf[i], acc[m]);
-        }
-      }
-    }
-  } else {
-    for (int64_t k = lane; k < K; k += 32) {
-      float wf = to_f(wr[k]);
-      if constexpr (kScaled) wf *= sr[k / gs];
-#pragma unroll
-      for (int m = 0; m < kMaxM; ++m) {
-        if (m < M) acc[m] = fmaf(wf, to_f(x[m * x_stride + k]), acc[m]);
-      }
+    for (int m = 0; m < kMaxM; ++m) {
+      if (m < M) acc[m] = fmaf(wf, to_f(x[m * x_stride + k]), acc[m]);
     }
   }
 #pragma unroll
@@ -113,16 +182,24 @@ void launch_gemv(T* y, const T* x, int64_t x_stride, const W* w, const float* sc
   if (M <= 0 || N <= 0) return;
   constexpr int64_t E = 16 / sizeof(W);
   const int64_t gs = K / G;
+  const int m = static_cast<int>(M);
   // 16-byte steps need: W rows and x rows 16-byte aligned, whole steps per row, whole steps per group.
   const bool vec = aligned16(w) && aligned16(x) && K % E == 0 && (x_stride * sizeof(T)) % 16 == 0 &&
                    (!kScaled || gs % E == 0);
-  const dim3 grid(static_cast<unsigned>((N + kRowsPerBlock - 1) / kRowsPerBlock)), block(kRowsPerBlock * 32);
-  if (vec) {
-    gemv_kernel<T, W, kScaled, true><<<grid, block, 0, stream>>>(y, x, x_stride, w, scales, static_cast<int>(M), N,
-                                                                  K, gs, G);
+  if (!vec) {
+    const dim3 grid(static_cast<unsigned>((N + kWarps - 1) / kWarps));
+    gemv_scalar_kernel<T, W, kScaled><<<grid, kWarps * 32, 0, stream>>>(y, x, x_stride, w, scales, m, N, K, gs, G);
+    return;
+  }
+  const dim3 grid(static_cast<unsigned>((N + kRowsPerBlock - 1) / kRowsPerBlock));
+  if (m == 1) {
+    gemv_kernel<T, W, kScaled, 1><<<grid, kWarps * 32, 0, stream>>>(y, x, x_stride, w, scales, m, N, K, gs, G);
+  } else if (m == 2) {
+    gemv_kernel<T, W, kScaled, 2><<<grid, kWarps * 32, 0, stream>>>(y, x, x_stride, w, scales, m, N, K, gs, G);
+  } else if (m <= 4) {
+    gemv_kernel<T, W, kScaled, 4><<<grid, kWarps * 32, 0, stream>>>(y, x, x_stride, w, scales, m, N, K, gs, G);
   } else {
-    gemv_kernel<T, W, kScaled, false><<<grid, block, 0, stream>>>(y, x, x_stride, w, scales, static_cast<int>(M),
-                                                                   N, K, gs, G);
+    gemv_kernel<T, W, kScaled, 8><<<grid, kWarps * 32, 0, stream>>>(y, x, x_stride, w, scales, m, N, K, gs, G);
   }
 }
 
@@ -131,7 +208,7 @@ template <typename T>
 __global__ void quantize_kernel(int8_t* __restrict__ q, float* __restrict__ scales, const T* __restrict__ w,
                                 int64_t tasks, int64_t K, int64_t gs, int64_t G) {
   const int lane = threadIdx.x & 31;
-  const int64_t task = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + (threadIdx.x >> 5);
+  const int64_t task = static_cast<int64_t>(blockIdx.x) * kQuantWarps + (threadIdx.x >> 5);
   if (task >= tasks) return;
   const int64_t n = task / G, g = task % G;
   const T* wr = w + n * K + g * gs;
@@ -181,7 +258,7 @@ void quantize_int8(DType dt, int8_t* q, float* scales, const void* w, int64_t N,
                    cudaStream_t stream) {
   const int64_t gs = group_size == 0 ? K : group_size, G = K / gs, tasks = N * G;
   if (tasks == 0) return;
-  const dim3 grid(static_cast<unsigned>((tasks + kRowsPerBlock - 1) / kRowsPerBlock)), block(kRowsPerBlock * 32);
+  const dim3 grid(static_cast<unsigned>((tasks + kQuantWarps - 1) / kQuantWarps)), block(kQuantWarps * 32);
   CODELLAMA_DISPATCH_CUDA_TYPES(dt, "quantize_int8", {
     quantize_kernel<scalar_t><<<grid, block, 0, stream>>>(q, scales, static_cast<const scalar_t*>(w), tasks, K, gs, G);
   });

@@ -4,6 +4,8 @@
 //   M <= 8 (decode): our GEMV kernels, CPU (AVX2, threads over N) or CUDA (warp per output row).
 //   M >  8 (prefill): a GEMM through torch here: at::matmul (cuBLAS tensor cores on CUDA, oneDNN on CPU); for
 //                     int8 weights on CUDA, our dequantize_int8 kernel writes W in x's dtype into a temporary first.
+//   Exception, 16-bit / fp32 weights on CUDA: our GEMV for M = 1 only (kCudaGemvMaxRows): on an H200 it matched
+//                     cuBLAS at M = 1 (83-85% of HBM bandwidth) and reached 0.62x cuBLAS at M = 8.
 //   Exception, int8 on CPU: our GEMV kernel for every M (8 rows per pass over W, K sliced so x stays in L1).
 //   On a CPU without native bf16 matmul (2-core Zen 3 here), dequantise + oneDNN bf16 matmul measured several
 //   times slower than it at M = 128 (tools/bench_kernels.py --only linear).
@@ -50,7 +52,9 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight) {
   const int64_t K = x.size(-1), N = weight.size(0);
   const at::Tensor x2 = rows_of(x, K);
   const int64_t M = x2.size(0);
-  if (M > kGemvMaxRows) return at::matmul(x2, weight.t()).view(out_shape(x, N));  // GEMM: cuBLAS / oneDNN
+  if (M > (x.is_cuda() ? kCudaGemvMaxRows : kGemvMaxRows)) {
+    return at::matmul(x2, weight.t()).view(out_shape(x, N));  // GEMM: cuBLAS / oneDNN
+  }
   at::Tensor out = at::empty({M, N}, x.options());
   const DType dt = float_dtype(op, "x", x);
   if (M > 0 && N > 0) {

@@ -13,7 +13,8 @@
 //   M >  kGemvMaxRows:     a GEMM from the binding layer: at::matmul (cuBLAS tensor cores / oneDNN); for int8
 //                          the weights are first dequantised to the activation dtype (dequantize_int8 below).
 //                          Exception: int8 weights on CPU always use cpu::linear_int8 (faster than dequantise +
-//                          oneDNN where the CPU has no native bf16/fp16 matmul).
+//                          oneDNN where the CPU has no native bf16/fp16 matmul); unquantised weights on CUDA
+//                          use the GEMV for M <= kCudaGemvMaxRows (1) only.
 // The GEMV kernels accept any M (the CPU ones process rows in chunks of 8), but are tuned for M <= 8.
 #pragma once
 
@@ -25,6 +26,8 @@
 namespace codellama {
 
 constexpr int64_t kGemvMaxRows = 8;
+// CUDA, unquantised weights: above one row cuBLAS beats our GEMV (H200: 0.62x at 8 rows; benchmarks/RESULTS.md).
+constexpr int64_t kCudaGemvMaxRows = 1;
 
 namespace cpu {
 // y [M, N] contiguous; x [M, K] rows of stride x_stride (elements), last dim contiguous; w [N, K] contiguous.
