@@ -5,8 +5,8 @@
 // GEMV: each warp computes 2 output rows, a block of 4 warps 8 rows. Per step a lane issues 4 16-byte weight
 // loads for each of its rows before using any (8 loads, 4 KB per warp in flight: decode GEMVs are
 // latency-bound otherwise), with L1::no_allocate since weights are read once; activations come through
-// L1/L2 (__ldg, shared by all blocks) and each is used for both rows. int8 weights are multiplied by their
-// group scale in fp32 first. The number of activation rows is a template bucket (1, 2, 4, 8), so the
+// L1/L2 (__ldg, shared by all blocks) and each is used for both rows. int8 weights: the dot of each 16-weight
+// piece (one group) is multiplied by its group scale. The number of activation rows is a template bucket (1, 2, 4, 8), so the
 // accumulators stay in registers with no per-row branches; rows past M repeat row M - 1 and are not
 // stored. A warp-shuffle reduction gives y[m, n]. When a pointer, K or the group size does not allow
 // 16-byte steps, a plain kernel with element-wise loads runs instead.
@@ -43,10 +43,12 @@ __device__ __forceinline__ void unpack(const uint4& u, float* f, const __nv_bflo
 #pragma unroll
   for (int i = 0; i < 4; ++i) { const float2 t = __bfloat1622float2(h[i]); f[2 * i] = t.x; f[2 * i + 1] = t.y; }
 }
+// int8 -> float exactly without I2F (a quarter-rate instruction that capped the int8 GEMV near half the
+// bandwidth): byte b ^ 0x80 = b + 128 goes into the low mantissa bits of 2^23, then 2^23 + 128 is subtracted.
 __device__ __forceinline__ void unpack(const uint4& u, float* f, const int8_t*) {
-  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+  const uint32_t w[4] = {u.x ^ 0x80808080u, u.y ^ 0x80808080u, u.z ^ 0x80808080u, u.w ^ 0x80808080u};
 #pragma unroll
-  for (int i = 0; i < 16; ++i) f[i] = static_cast<float>(static_cast<int8_t>((w[i / 4] >> (8 * (i % 4))) & 0xffu));
+  for (int i = 0; i < 16; ++i) f[i] = __int_as_float(__byte_perm(w[i / 4], 0x4B000000u, 0x7540u | (i % 4))) - 8388736.f;
 }
 
 // E consecutive elements of T at p (16-byte aligned; E * sizeof(T) a multiple of 16) as floats.
@@ -96,14 +98,11 @@ gemv_kernel(T* __restrict__ y, const T* __restrict__ x, int64_t x_stride, const 
   // Dots of the weights at k .. k + E - 1 (already loaded: wv[r]) with every activation row.
   auto fma_step = [&](const uint4* wv, int64_t k) {
     float wf[R][E];
+    float s[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       unpack(wv[r], wf[r], wr[r]);
-      if constexpr (kScaled) {
-        const float s = sr[r][k / gs];  // gs % E == 0: the E weights share one group
-#pragma unroll
-        for (int i = 0; i < E; ++i) wf[r][i] *= s;
-      }
+      if constexpr (kScaled) s[r] = sr[r][k / gs];  // gs % E == 0: the E weights share one group
     }
 #pragma unroll
     for (int m = 0; m < MB; ++m) {
@@ -111,8 +110,15 @@ gemv_kernel(T* __restrict__ y, const T* __restrict__ x, int64_t x_stride, const 
       load_vec<T, E>(xr[m] + k, xf);
 #pragma unroll
       for (int r = 0; r < R; ++r) {
+        if constexpr (kScaled) {  // s * sum(q x) per group piece, the order of codellama/linear.h
+          float dot = 0.f;
 #pragma unroll
-        for (int i = 0; i < E; ++i) acc[r][m] = fmaf(wf[r][i], xf[i], acc[r][m]);
+          for (int i = 0; i < E; ++i) dot = fmaf(wf[r][i], xf[i], dot);
+          acc[r][m] = fmaf(s[r], dot, acc[r][m]);
+        } else {
+#pragma unroll
+          for (int i = 0; i < E; ++i) acc[r][m] = fmaf(wf[r][i], xf[i], acc[r][m]);
+        }
       }
     }
   };
