@@ -89,6 +89,24 @@ def test_attention_decode_matches_reference(device, dtype, d, heads):
     assert_close_to_baseline(out, ref, truth, floor=1e-5, name=f"decode {dtype} {heads} D={d}")
 
 
+@pytest.mark.cuda
+def test_attention_decode_full_splits_cuda():
+    """Many sequences over a long cache with 8 query heads per kv head: the CUDA split count is set by the
+    shared-memory bound on scores (each split exactly 512 keys x 8 heads), not by the parallelism target.
+    Only the CUDA kernel splits the cache; the CPU kernel is covered by the sweep above."""
+    device, dtype, hq, hkv, d, b, cap = "cuda", torch.float16, 64, 8, 64, 16, 8192
+    seq_lens = [1 + (i * 523) % cap for i in range(b)]
+    seq_lens[3] = cap
+    slots = list(range(b))[::-1]
+    q, _, _ = qkv_views(b, hq, hkv, d, dtype, device)
+    kc, vc = filled_cache(b, cap, hkv, d, dtype, device, dict(zip(slots, seq_lens)))
+    args = (i32(slots, device), i32(seq_lens, device))
+    out = ops.attention_decode(q, kc, vc, *args)
+    assert_close_to_baseline(out, reference.attention_decode(q, kc, vc, *args),
+                             reference.attention_decode(q.double(), kc.double(), vc.double(), *args),
+                             floor=1e-5, name="decode full splits")
+
+
 @pytest.mark.parametrize("heads", [(32, 32), (64, 8)])  # CodeLlama 7B and 34B attention shapes
 def test_codellama_sizes(device, heads):
     hq, hkv, d, dtype = *heads, 128, torch.bfloat16

@@ -1,11 +1,13 @@
 // Decode attention, split-K over the sequence ("flash-decoding"):
-//   split s of sequence b, query heads of one kv group: (m_s, l_s, acc_s) = online softmax over its keys, with
-//   p = round(exp(q.k * scale - m)) before P.v; combine: out = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M).
+//   split s of sequence b, query heads of one kv group: m_s = max of its scores, p = round(exp(s - m_s)),
+//   l_s = sum of the unrounded exp, acc_s = sum p v; combine: out = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M).
 // The number of splits depends on shapes only (decode_num_splits), so the launch is CUDA-graph capturable;
 // splits past seq_len write empty partials (m = -inf, l = 0, acc = 0). Each block handles up to 8 query heads
-// of one kv group, so each K/V row is read once per group. Scores: 8 lanes per key row; P.v: each thread
-// loads 16 bytes of a V row (a block has 8 to 32 rows in flight) and the row groups' partial sums are added
-// once at the end of the split.
+// of one kv group, so each K/V row is read once per group. A block works in three phases with one barrier
+// between them, so each phase is a long run of independent loads: (1) all scores of the split into shared
+// memory (8 lanes per key row), (2) per head one warp takes the max and the exponentials, (3) P.v with each
+// thread loading 16 bytes of a V row (8 to 32 rows in flight per block); the row groups' partial sums are
+// added once at the end.
 #include <cmath>
 
 #include "codellama/attention.h"
@@ -14,8 +16,9 @@
 namespace codellama::cuda {
 namespace {
 
-constexpr int kThreads = 128;  // 4 warps; each warp scores 4 keys at a time (8 lanes per key)
-constexpr int kTile = 64;      // keys per online-softmax step
+constexpr int kThreads = 128;  // 4 warps
+constexpr int kWarps = kThreads / 32;
+constexpr int kTile = 64;      // split lengths are whole tiles
 constexpr int kMaxGroup = 8;   // query heads per block
 
 // E consecutive elements of p (16-byte aligned) as floats, with 16-byte loads.
@@ -33,133 +36,143 @@ __device__ __forceinline__ void load_row(const T* p, float (&out)[E]) {
 }
 
 // Workspace: m [NB], l [NB], acc [NB, D] with NB = B * Hq * splits, index (b * Hq + h) * splits + split.
+// chunk * GB <= kDecodeMaxScores (decode_num_splits guarantees it).
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads)
 decode_split_kernel(const T* __restrict__ q, int64_t q_rs, int64_t q_hs, const T* __restrict__ kc,
                     const T* __restrict__ vc, int64_t Bc, int64_t S, int Hkv, int Hq, int GB,
                     const int32_t* __restrict__ slots, const int32_t* __restrict__ seq_lens, float scale,
                     float* __restrict__ ws, int splits, int chunk) {
-  constexpr int E = D / 8;       // elements of a key row per lane (8 lanes per key) in the scores
+  constexpr int E = D / 8;            // elements of a key row per lane (8 lanes per key) in the scores
   constexpr int VE = 16 / sizeof(T);  // elements of a V row per thread (one 16-byte load) in P.v
   constexpr int TPR = D / VE;         // threads per V row
   constexpr int RP = kThreads / TPR;  // V rows in flight at once
-  static_assert(kThreads % TPR == 0, "head_dim must divide the block's 16-byte lanes");
+  static_assert(kThreads % TPR == 0 && TPR <= 32, "head_dim must suit the block's 16-byte lanes");
+  static_assert(kWarps * kMaxGroup * D <= kDecodeMaxScores, "the P.v reduction reuses the score buffer");
   __shared__ __align__(16) float qs[kMaxGroup][D];
-  __shared__ float ss[kMaxGroup][kTile];
-  __shared__ float m_s[kMaxGroup], l_s[kMaxGroup], alpha_s[kMaxGroup];
-  __shared__ float red[RP][kMaxGroup][D];  // per V-row lane group partial P.v, summed at the end
+  __shared__ float ss[kDecodeMaxScores];  // scores, then probabilities: ss[g * chunk + j]; finally P.v partials
 
   const int split = blockIdx.x, b = blockIdx.z;
   const int h0 = blockIdx.y * GB, G = Hq / Hkv, kvh = h0 / G;
-  const int tid = threadIdx.x;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int64_t NB = static_cast<int64_t>(gridDim.z) * Hq * splits;
   float* ws_m = ws;
   float* ws_l = ws + NB;
   float* ws_acc = ws + 2 * NB;
+  const int64_t idx0 = (static_cast<int64_t>(b) * Hq + h0) * splits + split;  // + g * splits for head h0 + g
 
   const int64_t slot = slots[b];
   int64_t len = seq_lens[b];
   if (slot < 0 || slot >= Bc) len = 0;
   len = len < 0 ? 0 : (len > S ? S : len);
   const int64_t k0 = static_cast<int64_t>(split) * chunk;
-  const int64_t k1 = k0 + chunk < len ? k0 + chunk : len;
-  if (k0 >= k1) {  // empty split (uniform over the block)
+  const int n = static_cast<int>(k0 >= len ? 0 : (len - k0 < chunk ? len - k0 : chunk));
+  if (n == 0) {  // empty split (uniform over the block)
     for (int i = tid; i < GB * D; i += kThreads) {
       const int g = i / D, d = i - g * D;
-      const int64_t idx = (static_cast<int64_t>(b) * Hq + h0 + g) * splits + split;
+      const int64_t idx = idx0 + static_cast<int64_t>(g) * splits;
       ws_acc[idx * D + d] = 0.f;
       if (d == 0) { ws_m[idx] = -INFINITY; ws_l[idx] = 0.f; }
     }
     return;
   }
-
   for (int i = tid; i < GB * D; i += kThreads) {
     const int g = i / D, d = i - g * D;
     qs[g][d] = to_f(q[b * q_rs + (h0 + g) * q_hs + d]);
   }
-  if (tid < kMaxGroup) { m_s[tid] = -INFINITY; l_s[tid] = 0.f; }
   __syncthreads();
 
   const int64_t kv_rs = static_cast<int64_t>(Hkv) * D;
-  const T* kb = kc + slot * S * kv_rs + kvh * D;
-  const T* vb = vc + slot * S * kv_rs + kvh * D;
-  const int lane = tid & 31, warp = tid >> 5, sub = lane >> 3, part = lane & 7;
-  const int vc0 = (tid % TPR) * VE, vr = tid / TPR;  // this thread's V dims vc0 .. vc0 + VE - 1, rows vr + RP i
+  const T* kb = kc + (slot * S + k0) * kv_rs + kvh * D;
+  const T* vb = vc + (slot * S + k0) * kv_rs + kvh * D;
+
+  // (1) scores: key j by the 8 lanes `part` of sub-group `sub`; the loop bound is uniform over each warp
+  // (its shuffles need all 32 lanes), keys past n are zeros and not stored
+  const int sub = lane >> 3, part = lane & 7;
+#pragma unroll 2
+  for (int j0 = 0; j0 < n; j0 += kThreads / 8) {
+    const int j = j0 + warp * 4 + sub;
+    float kr[E];
+    if (j < n) {
+      load_row<T, E>(kb + j * kv_rs + part * E, kr);
+    } else {
+#pragma unroll
+      for (int e = 0; e < E; ++e) kr[e] = 0.f;
+    }
+#pragma unroll
+    for (int g = 0; g < kMaxGroup; ++g) {
+      if (g >= GB) break;
+      float dot = 0.f;
+#pragma unroll
+      for (int e = 0; e < E; ++e) dot = fmaf(qs[g][part * E + e], kr[e], dot);
+      dot += __shfl_xor_sync(0xffffffffu, dot, 4);
+      dot += __shfl_xor_sync(0xffffffffu, dot, 2);
+      dot += __shfl_xor_sync(0xffffffffu, dot, 1);
+      if (part == 0 && j < n) ss[g * chunk + j] = dot * scale;
+    }
+  }
+  __syncthreads();
+
+  // (2) one warp per head: m = max, p = round(exp(s - m)) in place, l = sum of the unrounded exp
+  for (int g = warp; g < GB; g += kWarps) {
+    float* sg = ss + g * chunk;
+    float mx = -INFINITY;
+    for (int j = lane; j < n; j += 32) mx = fmaxf(mx, sg[j]);
+    mx = warp_max(mx);  // finite: n >= 1 scores
+    float sum = 0.f;
+    for (int j = lane; j < n; j += 32) {
+      const float p = expf(sg[j] - mx);
+      sum += p;
+      sg[j] = round_to<T>(p);
+    }
+    sum = warp_sum(sum);
+    if (lane == 0) {
+      const int64_t idx = idx0 + static_cast<int64_t>(g) * splits;
+      ws_m[idx] = mx;
+      ws_l[idx] = sum;
+    }
+  }
+  __syncthreads();
+
+  // (3) acc[g][e] (dim vc0 + e) = sum over rows vr, vr + RP, ... of p[g][j] v_j[vc0 + e]
+  const int vc0 = (tid % TPR) * VE, vr = tid / TPR;
   float acc[kMaxGroup][VE];
 #pragma unroll
   for (int g = 0; g < kMaxGroup; ++g) {
 #pragma unroll
     for (int e = 0; e < VE; ++e) acc[g][e] = 0.f;
   }
-
-  for (int64_t j0 = k0; j0 < k1; j0 += kTile) {
-    const int n = static_cast<int>(k1 - j0 < kTile ? k1 - j0 : kTile);
-    // scores: ss[g][jj] = q_g . k_{j0+jj} * scale (-inf past the split's end)
-    for (int jj = warp * 4 + sub; jj < kTile; jj += kThreads / 8) {
-      float kr[E];
-      if (jj < n) {
-        load_row<T, E>(kb + (j0 + jj) * kv_rs + part * E, kr);
-      } else {
-#pragma unroll
-        for (int e = 0; e < E; ++e) kr[e] = 0.f;
-      }
-#pragma unroll
-      for (int g = 0; g < kMaxGroup; ++g) {
-        if (g >= GB) break;
-        float dot = 0.f;
-#pragma unroll
-        for (int e = 0; e < E; ++e) dot = fmaf(qs[g][part * E + e], kr[e], dot);
-        dot += __shfl_xor_sync(0xffffffffu, dot, 4);
-        dot += __shfl_xor_sync(0xffffffffu, dot, 2);
-        dot += __shfl_xor_sync(0xffffffffu, dot, 1);
-        if (part == 0) ss[g][jj] = jj < n ? dot * scale : -INFINITY;
-      }
-    }
-    __syncthreads();
-    // online softmax step, one warp per head: new max, p rounded to T, running sum of the unrounded p
-    for (int g = warp; g < GB; g += kThreads / 32) {
-      const float s0 = ss[g][lane], s1 = ss[g][lane + 32];
-      const float m_old = m_s[g];
-      const float m_new = fmaxf(m_old, warp_max(fmaxf(s0, s1)));  // finite: n >= 1 valid key
-      const float p0 = expf(s0 - m_new), p1 = expf(s1 - m_new);
-      const float sum = warp_sum(p0 + p1);
-      ss[g][lane] = round_to<T>(p0);
-      ss[g][lane + 32] = round_to<T>(p1);
-      if (lane == 0) {
-        const float alpha = expf(m_old - m_new);
-        alpha_s[g] = alpha;
-        l_s[g] = l_s[g] * alpha + sum;
-        m_s[g] = m_new;
-      }
-    }
-    __syncthreads();
-    // acc[g][e] (dim vc0 + e, rows vr, vr + RP, ...) = acc[g][e] * alpha + sum_j p[g][j] v_j[vc0 + e]
+#pragma unroll 2
+  for (int j = vr; j < n; j += RP) {
+    float vv[VE];
+    load_row<T, VE>(vb + j * kv_rs + vc0, vv);
 #pragma unroll
     for (int g = 0; g < kMaxGroup; ++g) {
-      const float alpha = g < GB ? alpha_s[g] : 0.f;
+      if (g < GB) {
+        const float p = ss[g * chunk + j];
 #pragma unroll
-      for (int e = 0; e < VE; ++e) acc[g][e] *= alpha;
-    }
-    for (int jj = vr; jj < n; jj += RP) {
-      float vv[VE];
-      load_row<T, VE>(vb + (j0 + jj) * kv_rs + vc0, vv);
-#pragma unroll
-      for (int g = 0; g < kMaxGroup; ++g) {
-        if (g < GB) {
-          const float p = ss[g][jj];
-#pragma unroll
-          for (int e = 0; e < VE; ++e) acc[g][e] = fmaf(p, vv[e], acc[g][e]);
-        }
+        for (int e = 0; e < VE; ++e) acc[g][e] = fmaf(p, vv[e], acc[g][e]);
       }
     }
-    __syncthreads();  // ss / alpha_s are rewritten by the next tile
   }
-
+  // row groups of one warp (lanes TPR apart) by shuffles, then the warps through shared memory
 #pragma unroll
-  for (int g = 0; g < kMaxGroup; ++g) {  // constant indices keep acc in registers
-    if (g < GB) {
+  for (int o = TPR; o < 32; o <<= 1) {
 #pragma unroll
-      for (int e = 0; e < VE; ++e) red[vr][g][vc0 + e] = acc[g][e];
+    for (int g = 0; g < kMaxGroup; ++g) {
+#pragma unroll
+      for (int e = 0; e < VE; ++e) acc[g][e] += __shfl_xor_sync(0xffffffffu, acc[g][e], o);
+    }
+  }
+  __syncthreads();  // every thread is done reading probabilities: ss becomes red[warp][g][d]
+  float* red = ss;
+  if (lane < TPR) {
+#pragma unroll
+    for (int g = 0; g < kMaxGroup; ++g) {  // constant indices keep acc in registers
+      if (g < GB) {
+#pragma unroll
+        for (int e = 0; e < VE; ++e) red[(warp * kMaxGroup + g) * D + vc0 + e] = acc[g][e];
+      }
     }
   }
   __syncthreads();
@@ -167,10 +180,8 @@ decode_split_kernel(const T* __restrict__ q, int64_t q_rs, int64_t q_hs, const T
     const int g = i / D, d = i - g * D;
     float sum = 0.f;
 #pragma unroll
-    for (int rr = 0; rr < RP; ++rr) sum += red[rr][g][d];
-    const int64_t idx = (static_cast<int64_t>(b) * Hq + h0 + g) * splits + split;
-    ws_acc[idx * D + d] = sum;
-    if (d == 0) { ws_m[idx] = m_s[g]; ws_l[idx] = l_s[g]; }
+    for (int w = 0; w < kWarps; ++w) sum += red[(w * kMaxGroup + g) * D + d];
+    ws_acc[(idx0 + static_cast<int64_t>(g) * splits) * D + d] = sum;
   }
 }
 
@@ -200,9 +211,7 @@ decode_combine_kernel(T* __restrict__ out, const float* __restrict__ ws, int Hq,
 template <typename T, int D>
 void launch(void* out, HeadsView q, int64_t batch, int64_t q_heads, const KVCache& c, const int32_t* slots,
             const int32_t* seq_lens, float scale, float* ws, int64_t splits, cudaStream_t stream) {
-  const int64_t G = q_heads / c.kv_heads;
-  int GB = 1;  // query heads per block: the largest divisor of G up to kMaxGroup
-  for (int g = kMaxGroup; g >= 1; --g) if (G % g == 0) { GB = g; break; }
+  const int GB = static_cast<int>(decode_heads_per_block(q_heads, c.kv_heads));
   int64_t chunk = (c.capacity + splits - 1) / splits;
   chunk = (chunk + kTile - 1) / kTile * kTile;
   if (batch > 65535 || q_heads / GB > 65535 || splits > 0x7fffffff) {

@@ -53,14 +53,28 @@ namespace cuda {
 // Head dims with a CUDA attention kernel.
 inline bool attention_head_dim_supported(int64_t d) { return d == 64 || d == 128; }
 
+// Query heads one decode block serves: the largest divisor of the group size Hq / Hkv up to 8.
+inline int64_t decode_heads_per_block(int64_t q_heads, int64_t kv_heads) {
+  const int64_t g = q_heads / std::max<int64_t>(kv_heads, 1);
+  for (int64_t b = 8; b > 1; --b) {
+    if (g % b == 0) return b;
+  }
+  return 1;
+}
+// A decode block keeps the scores of its whole split in shared memory: keys per split x heads per block
+// floats at most.
+constexpr int64_t kDecodeMaxScores = 4096;
 // Split-K decode ("flash-decoding"): number of splits of the cache capacity. A pure function of the shapes
 // (never of device values), so a launch is CUDA-graph capturable: aims at ~1024 blocks of (split, kv-head group,
-// sequence) with at least 128 keys per split.
+// sequence) with at least 128 keys per split, and enough splits for each one's scores to fit kDecodeMaxScores.
 inline int64_t decode_num_splits(int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t capacity) {
-  const int64_t groups = kv_heads * std::max<int64_t>(1, (q_heads / std::max<int64_t>(kv_heads, 1) + 7) / 8);
+  const int64_t hpb = decode_heads_per_block(q_heads, kv_heads);
+  const int64_t groups = std::max<int64_t>(1, q_heads / hpb);
   const int64_t want = (1024 + batch * groups - 1) / std::max<int64_t>(batch * groups, 1);
   const int64_t most = (capacity + 127) / 128;
-  return std::max<int64_t>(1, std::min(want, most));
+  const int64_t keys_cap = kDecodeMaxScores / hpb / 64 * 64;  // whole 64-key tiles (the kernel's chunk unit)
+  const int64_t least = (capacity + keys_cap - 1) / keys_cap;
+  return std::max<int64_t>({int64_t{1}, std::min(want, most), least});
 }
 // Floats of the fp32 workspace: per (sequence, q head, split) a running max, a sum and D accumulators.
 inline int64_t decode_workspace_floats(int64_t batch, int64_t q_heads, int64_t head_dim, int64_t splits) {
