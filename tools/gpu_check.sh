@@ -10,14 +10,20 @@ OUT="${OUT:-$PWD/build/gpu-check}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 PY="${PYTHON:-python3}"
-# The lent machines put a second g++ (/opt/gcc) first on PATH; an extension built with it crashes inside
-# libstdc++'s ostream as soon as an error message is formatted. The system compiler matches torch's libstdc++.
-if [ -z "${CXX:-}" ] && [ -x /usr/bin/g++ ]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi
+# The lent machines set CC / CXX to a wrapper in /opt/gcc; an extension built through it segfaults inside
+# libstdc++'s ostream (seen in a backtrace: the module carries its own copy) as soon as an error message is
+# formatted. Build with the distribution's compiler itself unless CODELLAMA_KEEP_CXX is set.
+if [ -z "${CODELLAMA_KEEP_CXX:-}" ]; then
+  for cxx in /usr/bin/x86_64-linux-gnu-g++-13 /usr/bin/g++-13 /usr/bin/g++; do
+    if [ -x "$cxx" ]; then export CXX="$cxx" CC="${cxx/g++/gcc}"; break; fi
+  done
+fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   "$PY" -c "import torch, sys; print(sys.version.split()[0], torch.__version__, torch.version.cuda)"
-  nvcc --version | tail -1; "${CXX:-g++}" --version | head -1; } 2>&1 | tee "$OUT/env.txt"
+  nvcc --version | tail -1; echo "CC=${CC:-} CXX=${CXX:-}"; "${CXX:-g++}" --version | head -1
+  ls -l /opt/gcc/bin/ /usr/bin/g++* /usr/bin/x86_64-linux-gnu-g++* 2>&1 | head; head -c 400 /opt/gcc/bin/g++ | strings | head; } 2>&1 | tee "$OUT/env.txt"
 
 start=$(date +%s)
 timeout "${BUILD_S:-240}" "$PY" setup.py build_ext --inplace >"$OUT/build.log" 2>&1
