@@ -142,15 +142,27 @@ class Transformer(nn.Module):
     # ---- forward ----
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor | Sequence[int] = 0, *,
-                cu_seqlens: torch.Tensor | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
+                cu_seqlens: torch.Tensor | None = None, slots: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
         """Float32 logits for every position, appending keys/values to the KV cache.
 
         Rectangular batch: tokens [B, T] (B <= max_batch_size), sequence b in cache slot b at positions
         start_pos[b] + t (start_pos an int or [B]) -> logits [B, T, V].
         Packed: tokens [N] with cu_seqlens [B+1] (sequence b = tokens cu_seqlens[b] .. cu_seqlens[b+1]-1),
         start_pos [B], slots [B] (cache slot of each sequence, default 0..B-1) -> logits [N, V].
-        Positions before start_pos must already be in the cache (earlier calls)."""
-        return self._forward(tokens, start_pos, cu_seqlens, slots, self.k_cache, self.v_cache)
+        Positions before start_pos must already be in the cache (earlier calls).
+        last_only: logits of each sequence's last token only ([B, V] in both layouts), so a long prefill does
+        not materialise [N, V] float32 logits."""
+        return self._forward(tokens, start_pos, cu_seqlens, slots, self.k_cache, self.v_cache, last_only)
+
+    @torch.inference_mode()
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """One new token per sequence, with no checks and no host synchronisation, so it can be captured in a
+        CUDA graph: tokens [B] int64, positions [B] int32, slots [B] int32, all on the model's device (the
+        caller guarantees ids < vocab, positions < max_seq_len, distinct slots < max_batch_size) -> [B, V]."""
+        seq_lens = positions + 1
+        return self._layers(tokens, positions, slots, self.k_cache, self.v_cache,
+                            lambda q, kc, vc: ops.attention_decode(q, kc, vc, slots, seq_lens))
 
     @torch.inference_mode()
     def logits(self, token_ids) -> torch.Tensor:
@@ -169,7 +181,7 @@ class Transformer(nn.Module):
         out = self._forward(tokens, 0, None, None, kc, vc)
         return out[0] if squeeze else out
 
-    def _forward(self, tokens, start_pos, cu_seqlens, slots, k_cache, v_cache) -> torch.Tensor:
+    def _forward(self, tokens, start_pos, cu_seqlens, slots, k_cache, v_cache, last_only=False) -> torch.Tensor:
         a, dev = self.args, self.device
         tokens = torch.as_tensor(tokens, device=dev)
         if tokens.dtype not in (torch.int32, torch.int64):
@@ -219,11 +231,20 @@ class Transformer(nn.Module):
         sl32 = sl.to(torch.int32).to(dev)
         if decode:
             seq_lens = (sp + 1).to(torch.int32).to(dev)
+            attend = lambda q, kc, vc: ops.attention_decode(q, kc, vc, sl32, seq_lens)  # noqa: E731
         else:
             cu32 = cu.to(torch.int32).to(dev)
             sp32 = sp.to(torch.int32).to(dev)
             max_q = int(lens.max())
+            attend = lambda q, kc, vc: ops.attention_prefill(q, kc, vc, cu32, sp32, sl32, max_q)  # noqa: E731
+        rows = (cu[1:] - 1).to(dev) if last_only else None
+        logits = self._layers(flat, pos, tok_slots, k_cache, v_cache, attend, rows)
+        return logits if packed or last_only else logits.view(B, -1, a.vocab_size)
 
+    def _layers(self, flat, pos, tok_slots, k_cache, v_cache, attend, rows=None) -> torch.Tensor:
+        """The decoder over N tokens at cache coordinates (tok_slots, pos) -> float32 logits [N, V] (or of the
+        tokens `rows` only); attend(q, k_cache_layer, v_cache_layer) is the attention kernel call."""
+        a, N = self.args, flat.numel()
         Hq, Hkv, hd = a.n_heads, a.n_kv_heads, a.head_dim
         x = F.embedding(flat, self.tok_embeddings)
         residual = None
@@ -239,16 +260,13 @@ class Transformer(nn.Module):
             ops.rotary_embedding(q, k, pos, a.rope_theta, self.interleaved)
             kc, vc = k_cache[i], v_cache[i]
             ops.kv_cache_append(k, v, kc, vc, tok_slots, pos)
-            if decode:
-                attn = ops.attention_decode(q, kc, vc, sl32, seq_lens)
-            else:
-                attn = ops.attention_prefill(q, kc, vc, cu32, sp32, sl32, max_q)
-            o = blk.wo(attn.reshape(N, Hq * hd))
+            o = blk.wo(attend(q, kc, vc).reshape(N, Hq * hd))
             h, residual = ops.fused_add_rms_norm(o, residual, blk.ffn_norm, a.norm_eps)
             x = blk.w2(ops.silu_and_mul(blk.w13(h)))
+        if rows is not None:
+            x, residual = x[rows], residual[rows]
         h, _ = ops.fused_add_rms_norm(x, residual, self.norm, a.norm_eps)
-        logits = self.output(h).float()
-        return logits if packed else logits.view(B, -1, a.vocab_size)
+        return self.output(h).float()
 
     def reset_cache(self) -> None:
         """Zeroes the KV cache (not needed for correctness: positions are always written before they are read)."""

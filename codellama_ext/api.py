@@ -1,0 +1,270 @@
+"""The public Python API: `CodeLlama.from_pretrained(...)` then complete / infill / chat / stream / generate.
+
+Text modes (SPEC.md §3.2-§3.5): completion prompts are `<s>` + text and stop at EOS, decoded with Meta's decode;
+infilling builds the PSM/SPM prompt, stops at EOT only (EOS does not stop it) and returns the middle decoded with
+the infill rule (a genuine leading space kept); chat builds Meta's dialog ids and stops at EOS, or at <step> for
+the 70B-Instruct format. Stop strings cut the text before their first occurrence and end that row.
+
+Thread safety: one lock per model serialises every call (the model has one KV cache), shared by all CodeLlama
+instances over that model. A stream holds the lock from its first item until it is exhausted, closed or garbage
+collected; abandoning a stream therefore frees the model, but keeping an unfinished stream alive (without
+iterating or closing it) blocks every other caller of the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import threading
+import weakref
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from .generation import Engine, GenerationResult, SamplingParams
+from .model import Transformer, load_model
+from .tokenizer import CodeLlamaTokenizer, InfillingNotSupported
+
+__all__ = ["CodeLlama", "SamplingParams", "GenerationResult", "DEFAULT_MODEL_DIR"]
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
+DEFAULT_CONTEXT = 4096  # max_seq_len when not given: CodeLlama's window is 16k, most uses need far less cache
+_MODES = ("complete", "infill", "chat")
+_MODEL_LOCKS: "weakref.WeakKeyDictionary[Transformer, threading.Lock]" = weakref.WeakKeyDictionary()
+_MODEL_LOCKS_GUARD = threading.Lock()
+
+
+class _TextRow:
+    """The text of one generated row: incremental detokenization, stop strings cut exactly, and the part that is
+    safe to stream (text that could still become the start of a stop string is held back)."""
+
+    def __init__(self, tokenizer: CodeLlamaTokenizer, detok_mode: str, stops: tuple[str, ...]):
+        self.detok = tokenizer.detokenizer(detok_mode)
+        self.stops = stops
+        self.longest = max((len(s) for s in stops), default=0)
+        self.text = ""
+        self.sent = 0
+        self.stopped = False
+
+    def add(self, token_id: int) -> bool:
+        """Feeds a token; True when a stop string has now ended the text."""
+        return self._append(self.detok.add(token_id))
+
+    def close(self) -> None:
+        if not self.stopped:
+            self._append(self.detok.flush())
+
+    def _append(self, delta: str) -> bool:
+        if not delta or self.stopped:
+            return self.stopped
+        start = max(0, len(self.text) - self.longest + 1)
+        self.text += delta
+        cuts = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+        if cuts:
+            self.text = self.text[:min(cuts)]
+            self.stopped = True
+        return self.stopped
+
+    def delta(self, final: bool) -> str:
+        """New text that can be shown; all of it once the row is final (or stopped)."""
+        end = len(self.text)
+        if not (final or self.stopped):
+            end -= max((k for s in self.stops for k in range(min(len(s) - 1, end), 0, -1)
+                        if self.text.endswith(s[:k])), default=0)
+        out, self.sent = self.text[self.sent:end], max(self.sent, end)
+        return out
+
+
+class CodeLlama:
+    """A loaded model with its tokenizer. See the module docstring for modes and thread safety."""
+
+    def __init__(self, model: Transformer, tokenizer: CodeLlamaTokenizer, *, cuda_graphs: bool = True):
+        if tokenizer.n_words > model.args.vocab_size:
+            raise ValueError(f"the tokenizer has {tokenizer.n_words} pieces but the model only "
+                             f"{model.args.vocab_size} embedding rows")
+        self.model, self.tokenizer, self.args = model, tokenizer, model.args
+        self.engine = Engine(model, cuda_graphs=cuda_graphs)
+        with _MODEL_LOCKS_GUARD:
+            self._lock = _MODEL_LOCKS.setdefault(model, threading.Lock())
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike | None = None, *, device="cpu", dtype=None,
+                        quantize: str | None = None, max_seq_len: int | None = None, max_batch_size: int = 8,
+                        progress: bool | None = None) -> "CodeLlama":
+        """Loads a Meta or HF model folder (with its tokenizer.model). path None: the default model shipped in
+        codellama_ext/default_model. max_seq_len None: min(the model's context, 4096)."""
+        if path is None:
+            path = DEFAULT_MODEL_DIR
+            if not (path / "params.json").is_file():
+                raise FileNotFoundError(f"the default model folder {str(path)!r} is missing (params.json not "
+                                        "found); pass the path of a CodeLlama model folder")
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"model folder {os.fspath(path)!r} does not exist")
+        if max_seq_len is None:
+            max_seq_len = min(_model_context(path), DEFAULT_CONTEXT)
+        if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
+            raise ValueError(f"max_seq_len must be an integer >= 2, got {max_seq_len!r}")
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
+        tokenizer = CodeLlamaTokenizer.from_pretrained(path)
+        model = load_model(path, device=device, dtype=dtype, quantize=quantize, max_seq_len=max_seq_len,
+                           max_batch_size=max_batch_size, progress=progress)
+        return cls(model, tokenizer)
+
+    # ---- text API ----
+    def complete(self, prompt: str | list[str], *, params: SamplingParams | None = None, **sampling) -> str | list[str]:
+        """The completion of a prompt (str), or of each prompt of a list (generated together)."""
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompt must be a string or a non-empty list of strings")
+        texts = self._texts([self._ids("complete", p) for p in prompts], "complete", _params(params, sampling))
+        return texts[0] if isinstance(prompt, str) else texts
+
+    def infill(self, prefix: str, suffix: str | None = None, *, suffix_first: bool = False,
+               params: SamplingParams | None = None, **sampling) -> str:
+        """The middle between prefix and suffix. suffix None: prefix holds the text with one <FILL_ME>."""
+        ids = self._ids("infill", prefix, suffix, suffix_first)
+        return self._texts([ids], "infill", _params(params, sampling))[0]
+
+    def chat(self, messages: Sequence[dict], *, params: SamplingParams | None = None, **sampling) -> str:
+        """The assistant's reply to a dialog (dicts with 'role' and 'content'; Meta's Instruct formats)."""
+        return self._texts([self._ids("chat", messages)], "chat", _params(params, sampling))[0]
+
+    def stream(self, prompt, *, mode: str = "complete", suffix: str | None = None, suffix_first: bool = False,
+               params: SamplingParams | None = None, **sampling) -> Iterator[str]:
+        """Text deltas of one generation; "".join(deltas) equals the non-streamed result. Errors in the prompt
+        or the sampling values are raised here, before the first item."""
+        ids = self._ids(mode, prompt, suffix, suffix_first)
+        sp = _params(params, sampling)
+        self.engine.check_prompts([ids])
+        return self._stream(ids, mode, sp)
+
+    def _stream(self, ids: list[int], mode: str, sp: SamplingParams) -> Iterator[str]:
+        # Closing this generator closes the engine run first, then releases the lock.
+        with self._lock, contextlib.closing(self._events([ids], mode, sp)) as events:
+            for _, delta in events:
+                if delta:
+                    yield delta
+
+    def __call__(self, prompt: str, **kw) -> str:
+        """Pipeline style: a prompt with <FILL_ME> gives the prompt with the middle filled in; any other prompt
+        gives prompt + completion."""
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+        fill = self.tokenizer.fill_token or "<FILL_ME>"
+        if fill in prompt:
+            prefix, suffix = _split_fill(prompt, fill)
+            return prefix + self.infill(prefix, suffix, **kw) + suffix
+        return prompt + self.complete(prompt, **kw)
+
+    # ---- token API ----
+    def generate(self, prompt_tokens: Sequence[Sequence[int]], *, stop_ids: Sequence[int] | None = None,
+                 logprobs: bool = False, params: SamplingParams | None = None,
+                 **sampling) -> list[GenerationResult]:
+        """Token ids in, new token ids out (stop token excluded); stop_ids default: EOS."""
+        sp = _params(params, sampling)
+        if sp.stop:
+            raise ValueError("generate works on token ids: pass stop_ids, not stop strings")
+        stop_ids = [self.tokenizer.eos_id] if stop_ids is None else list(stop_ids)
+        with self._lock:
+            return self.engine.generate(prompt_tokens, sp, stop_ids, logprobs)
+
+    # ---- internals ----
+    def _ids(self, mode: str, prompt, suffix: str | None = None, suffix_first: bool = False) -> list[int]:
+        tok = self.tokenizer
+        if mode == "complete":
+            if not isinstance(prompt, str):
+                raise ValueError(f"a completion prompt must be a string, got {type(prompt).__name__}")
+            if suffix is not None:
+                raise ValueError("suffix is only used with mode='infill'")
+            return tok.encode_meta(prompt, bos=True, eos=False)
+        if mode == "infill":
+            if not isinstance(prompt, str) or not isinstance(suffix, (str, type(None))):
+                raise ValueError("infill needs a prefix string and a suffix string (or a prefix with <FILL_ME>)")
+            if suffix is None:
+                prompt, suffix = _split_fill(prompt, tok.fill_token or "<FILL_ME>")
+            ids = tok.infill_ids(prompt, suffix, suffix_first)  # InfillingNotSupported without <PRE>/<SUF>/<MID>
+            if tok.eot_id is None:
+                raise InfillingNotSupported(f"this tokenizer ({tok.vocab_file!r}) has no <EOT> piece to stop "
+                                            "infilling")
+            return ids
+        if mode == "chat":
+            if suffix is not None:
+                raise ValueError("suffix is only used with mode='infill'")
+            if isinstance(prompt, (str, dict)):
+                raise ValueError("chat needs a list of messages (dicts with 'role' and 'content')")
+            return tok.chat_ids(prompt)
+        raise ValueError(f"mode must be one of {list(_MODES)}, got {mode!r}")
+
+    def _stop_ids(self, mode: str) -> list[int]:
+        tok = self.tokenizer
+        if mode == "infill":
+            return [tok.eot_id]
+        if mode == "chat" and tok.step_id is not None:
+            return [tok.eos_id, tok.step_id]
+        return [tok.eos_id]
+
+    def _texts(self, prompts: list[list[int]], mode: str, sp: SamplingParams) -> list[str]:
+        out = [""] * len(prompts)
+        with self._lock:
+            for row, delta in self._events(prompts, mode, sp):
+                out[row] += delta
+        return out
+
+    def _events(self, prompts: list[list[int]], mode: str, sp: SamplingParams) -> Iterator[tuple[int, str]]:
+        """(row, text delta) pairs as tokens arrive; the caller holds the lock. Closing this generator closes
+        the engine run, so an abandoned stream leaves the model ready for the next call."""
+        run = self.engine.run(prompts, sp, self._stop_ids(mode))
+        rows = [_TextRow(self.tokenizer, "infill" if mode == "infill" else "completion", sp.stop) for _ in prompts]
+        try:
+            for step in run:
+                for r, t in step:
+                    if rows[r].add(t):
+                        run.finish(r)
+                    yield r, rows[r].delta(final=False)
+            for r, row in enumerate(rows):
+                row.close()
+                yield r, row.delta(final=True)
+        finally:
+            run.close()
+
+
+def _params(params: SamplingParams | None, sampling: dict) -> SamplingParams:
+    known = {f.name for f in dataclasses.fields(SamplingParams)}
+    unknown = sorted(set(sampling) - known)
+    if unknown:
+        raise ValueError(f"unknown sampling argument(s) {unknown}; known: {sorted(known)}")
+    if params is None:
+        return SamplingParams(**sampling)
+    if not isinstance(params, SamplingParams):
+        raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+    return dataclasses.replace(params, **sampling) if sampling else params
+
+
+def _split_fill(text: str, fill: str) -> tuple[str, str]:
+    if text.count(fill) != 1:
+        raise ValueError(f"an infill prompt must contain {fill} exactly once (found {text.count(fill)}), or pass "
+                         "prefix and suffix separately")
+    prefix, suffix = text.split(fill)
+    return prefix, suffix
+
+
+def _model_context(path) -> int:
+    """The trained context of an HF folder (max_position_embeddings); Meta folders do not record it: CodeLlama's
+    16384."""
+    cfg = Path(path) / "config.json"
+    if cfg.is_file():
+        try:
+            n = json.loads(cfg.read_text()).get("max_position_embeddings")
+        except ValueError:
+            n = None  # load_model reports a bad config.json with the file name
+        if isinstance(n, int) and n > 1:
+            return n
+    return 16384

@@ -1,0 +1,326 @@
+"""The generation engine: token ids in, token ids out, over one Transformer and its preallocated KV cache.
+
+Semantics follow Meta's `generate` (SPEC.md §3.3) with Meta's absolute positions from 0 per row: the prompts of a
+batch are prefilled in one packed forward (each in its own cache slot), then one decode step per token feeds the
+last token of every live row. Rows finish independently (a stop id, their token budget, the end of the context
+window, or `Run.finish` from the text layer for stop strings); finished rows leave the decode batch, so a greedy
+row's tokens do not depend on the rows beside it. More prompts than max_batch_size: the rest wait in a queue and
+take the cache slots of finished rows (continuous batching).
+
+Sampling stays on the device (ops.argmax / ops.sample); the only host synchronisation per step is one `.tolist()`
+of the new ids, which the stop checks need. On CUDA the decode step is captured once per batch-size bucket in a
+CUDA graph (static token / position / slot buffers) and replayed; elsewhere it runs eagerly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from . import ops
+from .model import Transformer
+
+__all__ = ["SamplingParams", "GenerationResult", "Engine", "Run"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. temperature 0 = greedy; top_k 0 = off; top_p 1 = off (Meta's rule: drop the tokens whose
+    probability mass before them exceeds top_p); repetition_penalty as HF's (logits of every token already in the
+    prompt or output divided by it when positive, multiplied when negative); stop: strings that end the text (the
+    text before the first one is returned); seed: reproducible sampling on one device and dtype."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 0.9
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self):
+        stop = self.stop
+        if stop is None:
+            stop = ()
+        elif isinstance(stop, str):
+            stop = (stop,)
+        else:
+            stop = tuple(stop)
+        object.__setattr__(self, "stop", stop)
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
+                or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not _is_real(self.temperature) or not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be a number in (0, 1] (1 = off), got {self.top_p!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not _is_real(self.repetition_penalty) or not (math.isfinite(self.repetition_penalty)
+                                                          and self.repetition_penalty > 0):
+            raise ValueError(f"repetition_penalty must be a finite number > 0 (1 = off), "
+                             f"got {self.repetition_penalty!r}")
+        if not all(isinstance(s, str) and s for s in stop):
+            raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+@dataclass
+class GenerationResult:
+    """The new tokens of one prompt (the stop token excluded), their log-probabilities under the model's raw
+    logits (as Meta's `logprobs`) when asked for, and why generation ended: "stop" (a stop id or stop string)
+    or "length" (max_new_tokens or the end of the context window)."""
+
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] | None = None
+    finish_reason: str = "length"
+
+
+class _DecodeGraph:
+    """The decode step of `bucket` rows captured in a CUDA graph. Inputs are copied into static buffers; rows past
+    the live count are padding that writes position 0 of cache slots no live row uses. capture=False runs the
+    same padded static-buffer step eagerly (any device), so the tests can check the padding on a CPU."""
+
+    def __init__(self, model: Transformer, bucket: int, pool, capture: bool = True):
+        dev = model.device
+        self.bucket = bucket
+        self.tokens = torch.zeros(bucket, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(bucket, dtype=torch.int32, device=dev)
+        self.slots = torch.arange(bucket, dtype=torch.int32, device=dev)
+        self.graph = None
+        if not capture:
+            self._step = lambda: model.decode_step(self.tokens, self.positions, self.slots)
+            return
+        # Warm-up on a side stream (lazy initialisation must not be captured). It writes cache position 0 of
+        # slots 0..bucket-1, so graphs are built before any prefill (Engine.prepare).
+        with torch.cuda.device(dev):  # capture runs on the current device: make it the model's
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    model.decode_step(self.tokens, self.positions, self.slots)
+            torch.cuda.current_stream(dev).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=pool):
+                self.logits = model.decode_step(self.tokens, self.positions, self.slots)
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                 pad_slots: torch.Tensor) -> torch.Tensor:
+        n = tokens.numel()
+        self.tokens[:n].copy_(tokens)
+        self.positions[:n].copy_(positions)
+        self.slots[:n].copy_(slots)
+        if n < self.bucket:
+            self.tokens[n:].zero_()
+            self.positions[n:].zero_()
+            self.slots[n:].copy_(pad_slots[:self.bucket - n])
+        if self.graph is None:
+            return self._step()[:n]
+        self.graph.replay()
+        # The graphs share one memory pool: read these logits before the next replay (the engine does).
+        return self.logits[:n]
+
+
+class Engine:
+    """Batched generation on one Transformer. Not thread-safe (the KV cache is shared): callers serialise runs,
+    and a run must be finished or closed before the next one starts (CodeLlama's lock does both)."""
+
+    def __init__(self, model: Transformer, cuda_graphs: bool = True):
+        self.model = model
+        self.cuda_graphs = cuda_graphs and model.device.type == "cuda"
+        self._graphs: dict[int, _DecodeGraph] | None = None
+
+    @property
+    def buckets(self) -> list[int]:
+        """Decode batch sizes captured on CUDA: powers of two below max_batch_size, and max_batch_size."""
+        m = self.model.max_batch_size
+        return [1 << i for i in range(m.bit_length()) if (1 << i) < m] + [m]
+
+    def prepare(self) -> None:
+        """Captures the decode graphs (CUDA) on first use. Called before a prefill: their warm-up runs write
+        cache position 0 of the low slots."""
+        if self.cuda_graphs and self._graphs is None:
+            # One pool for all buckets: runs replay one graph at a time and read its logits before the next.
+            pool = torch.cuda.graph_pool_handle()
+            self._graphs = {b: _DecodeGraph(self.model, b, pool) for b in reversed(self.buckets)}
+
+    def decode(self, tok: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor,
+               pad_slots: torch.Tensor) -> torch.Tensor:
+        """Logits [n, V] of one decode step for n rows; pad_slots: cache slots no live row uses (CUDA padding)."""
+        if self._graphs is not None:
+            return self._graphs[next(b for b in self.buckets if b >= tok.numel())](tok, pos, slot, pad_slots)
+        return self.model.decode_step(tok, pos, slot)
+
+    def check_prompts(self, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
+        """Validates prompt ids (ValueError naming the prompt and the rule); returns them as lists of ints."""
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
+            raise ValueError("prompt_tokens must be a non-empty list of token id lists")
+        out = []
+        vocab, window = self.model.args.vocab_size, self.model.max_seq_len
+        for i, p in enumerate(prompts):
+            if isinstance(p, (str, bytes)) or not isinstance(p, Sequence):
+                raise ValueError(f"prompt {i} must be a list of token ids, got {type(p).__name__}")
+            ids = list(p)
+            if not ids:
+                raise ValueError(f"prompt {i} is empty: it needs at least one token (e.g. BOS)")
+            if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
+                raise ValueError(f"prompt {i}: token ids must be integers in [0, {vocab})")
+            if len(ids) >= window:
+                raise ValueError(f"prompt {i} has {len(ids)} tokens but the context window (max_seq_len) is "
+                                 f"{window}: the prompt must leave room for at least one new token")
+            out.append(ids)
+        return out
+
+    def run(self, prompts: Sequence[Sequence[int]], params: SamplingParams, stop_ids: Sequence[int],
+            logprobs: bool = False) -> "Run":
+        return Run(self, self.check_prompts(prompts), params, frozenset(stop_ids), logprobs)
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, stop_ids: Sequence[int],
+                 logprobs: bool = False) -> list[GenerationResult]:
+        run = self.run(prompts, params, stop_ids, logprobs)
+        for _ in run:
+            pass
+        return run.results
+
+
+class Run:
+    """One generation over a list of prompts. Iterating yields, after each step, the (row, token id) pairs that
+    step appended; `finish(row)` (between steps) ends a row early. `results` holds the outcome per row. Closing
+    the iterator early (or dropping it) leaves the engine usable: every run starts from a fresh prefill."""
+
+    def __init__(self, engine: Engine, prompts: list[list[int]], params: SamplingParams, stop_ids: frozenset,
+                 logprobs: bool):
+        self.engine, self.prompts, self.params, self.stop_ids = engine, prompts, params, stop_ids
+        self.logprobs = logprobs
+        self.results = [GenerationResult(logprobs=[] if logprobs else None) for _ in prompts]
+        self._done = [False] * len(prompts)
+        self._generator = None  # seeded: one per run, drawn from at every step
+        if params.temperature > 0 and params.seed is not None:
+            self._generator = torch.Generator(device=engine.model.device)
+            self._generator.manual_seed(params.seed)
+        self._steps = self._generate()
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        return self._steps
+
+    def close(self) -> None:
+        self._steps.close()
+
+    def finish(self, row: int, reason: str = "stop") -> None:
+        """Ends `row` (its slot is freed at the next step); reason becomes its finish_reason."""
+        if not self._done[row]:
+            self._done[row] = True
+            self.results[row].finish_reason = reason
+
+    @torch.inference_mode()
+    def _admit(self, rows: list[int], slots: list[int]) -> tuple[torch.Tensor, ...]:
+        """Prefills the prompts of `rows` into cache `slots` in one packed forward. Returns their last-token
+        logits [k, V], next positions [k], slots [k] and (with a repetition penalty) seen-token masks [k, V]."""
+        model = self.engine.model
+        dev = model.device
+        self.engine.prepare()
+        lens = [len(self.prompts[r]) for r in rows]
+        flat = torch.tensor([t for r in rows for t in self.prompts[r]], dtype=torch.int64, device=dev)
+        cu = torch.tensor([0] + lens).cumsum(0)
+        logits = model.forward(flat, torch.zeros(len(rows), dtype=torch.int64), cu_seqlens=cu,
+                               slots=torch.tensor(slots), last_only=True)
+        seen = None
+        if self.params.repetition_penalty != 1:  # prompt tokens count as seen (HF)
+            seen = torch.zeros(len(rows), model.args.vocab_size, dtype=torch.bool, device=dev)
+            seen[torch.repeat_interleave(torch.arange(len(rows), device=dev), torch.tensor(lens, device=dev)),
+                 flat] = True
+        return (logits, torch.tensor(lens, dtype=torch.int32, device=dev),
+                torch.tensor(slots, dtype=torch.int32, device=dev), seen)
+
+    @torch.inference_mode()
+    def _choose(self, logits: torch.Tensor, seen: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """Next ids [n] (and their log-probabilities under the raw logits when asked) from logits [n, V]."""
+        p = self.params
+        raw = logits
+        if seen is not None:  # HF RepetitionPenaltyLogitsProcessor
+            rp = p.repetition_penalty
+            logits = torch.where(seen, torch.where(logits < 0, logits * rp, logits / rp), logits)
+        n = logits.shape[0]
+        if p.temperature == 0:
+            tok = ops.argmax(logits)
+        else:
+            f32 = dict(dtype=torch.float32, device=logits.device)
+            tok = ops.sample_with_generator(logits, torch.full((n,), p.temperature, **f32),
+                                            torch.full((n,), p.top_k, dtype=torch.int32, device=logits.device),
+                                            torch.full((n,), p.top_p, **f32), self._generator)
+        if seen is not None:
+            seen[torch.arange(n, device=seen.device), tok] = True
+        if not self.logprobs:
+            return tok, None
+        return tok, torch.log_softmax(raw, dim=-1).gather(1, tok[:, None])[:, 0]
+
+    def _generate(self) -> Iterator[list[tuple[int, int]]]:
+        """Continuous batching: up to max_batch_size rows decode together; a finished row's cache slot is
+        refilled with the next queued prompt (prefilled in the same step), so a long row never idles the rest."""
+        model, p = self.engine.model, self.params
+        dev, window = model.device, model.max_seq_len
+        budget = [min(p.max_new_tokens, window - len(ids)) for ids in self.prompts]
+        queue = list(range(len(self.prompts)))[::-1]  # popped from the end
+        free = list(range(model.max_batch_size))[::-1]
+        live: list[int] = []  # rows, in the order of the rows of logits / tok / pos / slot / seen
+        slot_of: dict[int, int] = {}
+        pad_slots = None  # free slots on the device, rebuilt only when `free` changes (no per-step copy)
+        with torch.inference_mode():
+            logits = torch.empty(0, model.args.vocab_size, dtype=torch.float32, device=dev)
+            pos = torch.empty(0, dtype=torch.int32, device=dev)
+            slot = torch.empty(0, dtype=torch.int32, device=dev)
+            seen = torch.empty(0, model.args.vocab_size, dtype=torch.bool, device=dev) \
+                if p.repetition_penalty != 1 else None
+        while True:
+            if queue and free:
+                new = [queue.pop() for _ in range(min(len(queue), len(free)))]
+                new_slots = [free.pop() for _ in new]
+                slot_of.update(zip(new, new_slots))
+                pad_slots = None
+                parts = self._admit(new, new_slots)
+                with torch.inference_mode():
+                    logits, pos, slot = (torch.cat([a, b]) for a, b in zip((logits, pos, slot), parts))
+                    seen = torch.cat([seen, parts[3]]) if seen is not None else None
+                live += new
+            tok, lp = self._choose(logits, seen)
+            ids = tok.tolist()
+            lps = lp.tolist() if lp is not None else None
+            step = []
+            for j, r in enumerate(live):
+                res = self.results[r]
+                if ids[j] in self.stop_ids:
+                    self.finish(r, "stop")
+                    continue
+                res.tokens.append(ids[j])
+                if lps is not None:
+                    res.logprobs.append(lps[j])
+                step.append((r, ids[j]))
+                if len(res.tokens) >= budget[r]:
+                    self.finish(r, "length")
+            yield step  # the consumer may finish rows here (stop strings)
+            keep = [j for j, r in enumerate(live) if not self._done[r]]
+            if not keep and not queue:
+                return
+            with torch.inference_mode():
+                if len(keep) < len(live):  # finished rows leave the decode batch and free their slots
+                    free += [slot_of[r] for r in live if self._done[r]]
+                    pad_slots = None
+                    idx = torch.tensor(keep, dtype=torch.int64, device=dev)
+                    tok, pos, slot = tok[idx], pos[idx], slot[idx]
+                    seen = seen[idx] if seen is not None else None
+                    live = [live[j] for j in keep]
+                if live:
+                    if pad_slots is None:  # padding rows of a CUDA graph bucket write position 0 of these
+                        pad_slots = torch.tensor(free, dtype=torch.int32, device=dev)
+                    logits = self.engine.decode(tok, pos, slot, pad_slots)
+                    pos += 1
+                else:
+                    logits = logits[:0]

@@ -1,0 +1,239 @@
+"""Tests of the generation engine (codellama_ext.generation). Oracle: transformers' LlamaForCausalLM.generate
+(do_sample=False, float32, eager attention) on the same random weights, run one prompt at a time.
+
+The helpers at the top (a tiny model whose vocabulary is the CodeLlama-format toy tokenizer's) are shared with
+tests/test_api.py."""
+
+from __future__ import annotations
+
+import random
+import shutil
+
+import pytest
+import torch
+
+from codellama_ext import SamplingParams
+from codellama_ext.generation import Engine
+from codellama_ext.model import load_model
+
+import tokenizer_fixtures
+from checkpoint_fixtures import save_meta, tiny_hf_model
+
+# The toy vocabulary has 1200 + 16 pieces (SPEC §3.1 order): <EOT> is the 11th appended, <step> (70B-Instruct
+# layout) the last.
+EOS, EOT, STEP = 2, 1210, 1215
+VOCAB = 1216
+
+
+def make_hf_model():
+    """A tiny random model whose output rows for EOS, EOT and <step> copy (scaled) those of tokens it likes to
+    emit, so that greedy runs do stop on them now and then (a random model would almost never pick them)."""
+    hf = tiny_hf_model(seed=0, vocab=VOCAB)
+    with torch.no_grad():
+        w = hf.lm_head.weight
+        w[EOS] = 1.2 * w[110]
+        w[EOT] = 1.2 * w[893]
+        w[STEP] = 1.2 * w[801]
+    return hf
+
+
+def write_folder(hf, tokenizer_model, folder):
+    """A Meta-format model folder with the given tokenizer.model."""
+    save_meta(hf, folder)
+    shutil.copy(tokenizer_model, folder / "tokenizer.model")
+    return folder
+
+
+def random_prompts(n, seed=3, lengths=(3, 6, 9, 14, 1, 20, 5)):
+    rng = random.Random(seed)
+    return [[1] + [rng.randrange(3, 1200) for _ in range(lengths[i % len(lengths)] - 1)] for i in range(n)]
+
+
+def hf_greedy(hf, ids, max_new_tokens, stop_id=EOS, **kw):
+    """transformers' greedy continuation: (new tokens without the stop token, whether it stopped). stop_id: an
+    id, a list of ids, or None."""
+    out = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop_id,
+                      pad_token_id=0, top_p=None, top_k=None, temperature=None, **kw)[0, len(ids):].tolist()
+    stops = [stop_id] if isinstance(stop_id, int) else stop_id or []
+    cut = [i for i, t in enumerate(out) if t in stops]
+    return (out[:cut[0]], True) if cut else (out, False)
+
+
+@pytest.fixture(scope="module")
+def spm_models(tmp_path_factory):
+    return tokenizer_fixtures.build_models(tmp_path_factory.mktemp("spm"))
+
+
+@pytest.fixture(scope="module")
+def hf():
+    return make_hf_model()
+
+
+@pytest.fixture(scope="module")
+def folder(hf, spm_models, tmp_path_factory):
+    return write_folder(hf, spm_models["codellama"], tmp_path_factory.mktemp("gen-model"))
+
+
+@pytest.fixture(scope="module")
+def engine(folder):
+    return Engine(load_model(folder, dtype=torch.float32, max_seq_len=96, max_batch_size=2))
+
+
+N_NEW, N_PROMPTS = 20, 5
+
+
+@pytest.fixture(scope="module")
+def expected(hf):
+    """transformers' greedy output for each prompt, one at a time."""
+    return [hf_greedy(hf, p, N_NEW) for p in random_prompts(N_PROMPTS)]
+
+
+def test_decode_step_and_last_only_match_full_forward(folder):
+    model = load_model(folder, dtype=torch.float32, max_seq_len=32, max_batch_size=3)
+    a, b = random_prompts(2, lengths=(9, 5))
+    full_a, full_b = model.logits(a), model.logits(b)
+    # packed prefill of a[:-1] into slot 2 and b[:-1] into slot 0, last-token logits only
+    out = model.forward(torch.tensor(a[:-1] + b[:-1]), torch.tensor([0, 0]), cu_seqlens=torch.tensor([0, 8, 12]),
+                        slots=torch.tensor([2, 0]), last_only=True)
+    assert out.shape == (2, VOCAB)
+    torch.testing.assert_close(out, torch.stack([full_a[7], full_b[3]]), rtol=1e-5, atol=1e-5)
+    step = model.decode_step(torch.tensor([a[-1], b[-1]]), torch.tensor([8, 4], dtype=torch.int32),
+                             torch.tensor([2, 0], dtype=torch.int32))
+    torch.testing.assert_close(step, torch.stack([full_a[8], full_b[4]]), rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_single_matches_transformers(engine, expected):
+    for p, (ref, stopped) in zip(random_prompts(N_PROMPTS), expected):
+        res = engine.generate([p], SamplingParams(max_new_tokens=N_NEW), [EOS])[0]
+        assert res.tokens == ref
+        assert res.finish_reason == ("stop" if stopped else "length")
+    # the fixture model stops on EOS for some prompts and runs to the budget for others
+    assert {s for _, s in expected} == {True, False}
+
+
+def test_batch_equals_single_runs(engine, expected):
+    # 5 prompts of different lengths on a 2-slot cache: queued prompts take the slots of finished rows
+    res = engine.generate(random_prompts(N_PROMPTS), SamplingParams(max_new_tokens=N_NEW), [EOS])
+    assert [r.tokens for r in res] == [ref for ref, _ in expected]
+
+
+def test_logprobs_match_transformers(engine, hf):
+    p = random_prompts(1)[0]
+    res = engine.generate([p], SamplingParams(max_new_tokens=8), [], logprobs=True)[0]
+    out = hf.generate(torch.tensor([p]), do_sample=False, max_new_tokens=8, eos_token_id=None, pad_token_id=0,
+                      output_logits=True, return_dict_in_generate=True, top_p=None, top_k=None, temperature=None)
+    ref = [torch.log_softmax(lg[0].float(), -1)[t].item() for lg, t in zip(out.logits, res.tokens)]
+    assert out.sequences[0, len(p):].tolist() == res.tokens
+    assert res.logprobs == pytest.approx(ref, abs=1e-4)
+
+
+def test_repetition_penalty_matches_transformers(engine, hf, expected):
+    changed = False
+    for p, (greedy, _) in zip(random_prompts(2), expected):
+        ref, _ = hf_greedy(hf, p, N_NEW, repetition_penalty=1.3)
+        res = engine.generate([p], SamplingParams(max_new_tokens=N_NEW, repetition_penalty=1.3), [EOS])[0]
+        assert res.tokens == ref
+        changed |= ref != greedy
+    assert changed  # the penalty changes an output, or this test would prove nothing
+
+
+def test_top_k_1_equals_greedy_and_seeded_sampling_reproduces(engine, expected):
+    prompts = random_prompts(4)
+    greedy = engine.generate(prompts, SamplingParams(max_new_tokens=N_NEW), [EOS])
+    top1 = engine.generate(prompts, SamplingParams(max_new_tokens=N_NEW, temperature=0.8, top_k=1, seed=3), [EOS])
+    assert [r.tokens for r in top1] == [r.tokens for r in greedy]
+    sp = SamplingParams(max_new_tokens=N_NEW, temperature=1.0, top_p=0.95, seed=7)
+    a = engine.generate(prompts, sp, [EOS])
+    b = engine.generate(prompts, sp, [EOS])
+    c = engine.generate(prompts, SamplingParams(max_new_tokens=N_NEW, temperature=1.0, top_p=0.95, seed=8), [EOS])
+    assert [r.tokens for r in a] == [r.tokens for r in b]
+    assert [r.tokens for r in a] != [r.tokens for r in c]
+    assert [r.tokens for r in a] != [r.tokens for r in greedy]
+
+
+def test_window_end_and_prompt_too_long(folder, hf):
+    small = Engine(load_model(folder, dtype=torch.float32, max_seq_len=16, max_batch_size=2))
+    p = random_prompts(1, lengths=(10,))[0]
+    res = small.generate([p, p[:4]], SamplingParams(max_new_tokens=50), [])
+    # Meta's rule: prompt + new tokens fit in max_seq_len
+    assert [len(r.tokens) for r in res] == [6, 12] and all(r.finish_reason == "length" for r in res)
+    assert res[0].tokens == hf_greedy(hf, p, 6, stop_id=None)[0]
+    with pytest.raises(ValueError, match=r"prompt 1 has 16 tokens but the context window \(max_seq_len\) is 16"):
+        small.generate([p, p + p[:6]], SamplingParams(), [])
+
+
+@pytest.mark.parametrize("prompts,match", [
+    ([], "non-empty list"),
+    ([[]], "prompt 0 is empty"),
+    ([[1, 5], [1, VOCAB]], r"prompt 1: token ids must be integers in \[0, 1216\)"),
+    ("hello", "non-empty list"),
+    ([[1, 2.0]], "token ids must be integers"),
+])
+def test_bad_prompt_ids(engine, prompts, match):
+    with pytest.raises(ValueError, match=match):
+        engine.generate(prompts, SamplingParams(), [EOS])
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1"),
+    (dict(max_new_tokens=2.5), "max_new_tokens"),
+    (dict(temperature=-0.1), "temperature must be a finite number >= 0"),
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(top_p=0.0), r"top_p must be a number in \(0, 1\]"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_k=-1), "top_k must be an integer >= 0"),
+    (dict(repetition_penalty=0.0), "repetition_penalty must be a finite number > 0"),
+    (dict(stop=["ok", ""]), "stop must be a non-empty string"),
+    (dict(seed="x"), "seed must be an integer"),
+])
+def test_bad_sampling_values(kw, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kw)
+
+
+def test_abandoned_run_leaves_engine_usable(engine, expected):
+    run = engine.run(random_prompts(3), SamplingParams(max_new_tokens=N_NEW), [EOS])
+    next(iter(run))
+    next(iter(run))
+    run.close()
+    res = engine.generate(random_prompts(3), SamplingParams(max_new_tokens=N_NEW), [EOS])
+    assert [r.tokens for r in res] == [ref for ref, _ in expected[:3]]
+
+
+def test_padded_bucket_decode_equals_plain(folder, expected):
+    """The CUDA graph path's static buffers and padding rows (which write free cache slots), run eagerly on the
+    CPU: 5 prompts over 4 slots (buckets 1, 2, 4), a queued prompt refilling a freed slot."""
+    from codellama_ext.generation import _DecodeGraph
+    padded = []
+
+    class Recording(_DecodeGraph):
+        def __call__(self, tokens, *args):
+            padded.append(tokens.numel() < self.bucket)
+            return super().__call__(tokens, *args)
+
+    engine = Engine(load_model(folder, dtype=torch.float32, max_seq_len=96, max_batch_size=4))
+    assert engine.buckets == [1, 2, 4]
+    engine._graphs = {b: Recording(engine.model, b, None, capture=False) for b in engine.buckets}
+    res = engine.generate(random_prompts(N_PROMPTS), SamplingParams(max_new_tokens=N_NEW), [EOS])
+    assert [r.tokens for r in res] == [ref for ref, _ in expected]
+    assert any(padded) and not all(padded)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_decode_equals_eager(folder):
+    model = load_model(folder, device="cuda", dtype=torch.float32, max_seq_len=96, max_batch_size=5)
+    prompts = random_prompts(7)
+    sp = SamplingParams(max_new_tokens=N_NEW)
+    eager = Engine(model, cuda_graphs=False).generate(prompts, sp, [EOS], logprobs=True)
+    graphed_engine = Engine(model)
+    graphed = graphed_engine.generate(prompts, sp, [EOS], logprobs=True)
+    assert graphed_engine.buckets == [1, 2, 4, 5] and graphed_engine._graphs is not None
+    assert [r.tokens for r in graphed] == [r.tokens for r in eager]
+    for g, e in zip(graphed, eager):
+        assert g.logprobs == pytest.approx(e.logprobs, abs=1e-5)
+    # and the CPU engine agrees on the ids
+    cpu = Engine(load_model(folder, dtype=torch.float32, max_seq_len=96, max_batch_size=5))
+    assert [r.tokens for r in cpu.generate(prompts, sp, [EOS])] == [r.tokens for r in graphed]
+    seeded = SamplingParams(max_new_tokens=N_NEW, temperature=0.9, seed=5)
+    assert [r.tokens for r in graphed_engine.generate(prompts, seeded, [EOS])] == \
+        [r.tokens for r in graphed_engine.generate(prompts, seeded, [EOS])]
