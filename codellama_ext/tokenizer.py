@@ -63,12 +63,14 @@ import json
 import os
 import re
 import shutil
+import struct
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
-__all__ = ["CodeLlamaTokenizer", "IncrementalDetokenizer", "InfillingNotSupported", "SPECIAL_TAGS"]
+__all__ = ["CodeLlamaTokenizer", "IncrementalDetokenizer", "InfillingNotSupported", "SPECIAL_TAGS",
+           "CODELLAMA_EXTRA_PIECES", "append_pieces"]
 
 SPIECE_UNDERLINE = "▁"
 B_INST, E_INST = "[INST]", "[/INST]"
@@ -154,6 +156,32 @@ def _without_dummy_prefix(proto: bytes) -> bytes:
     if not found:
         out += b"\x1a\x02\x18\x00"
     return bytes(out)
+
+
+# CodeLlama's 16 extra pieces, in the order of ids 32000..32015 of the 7B/13B/70B vocabularies (SPEC §3.1).
+CODELLAMA_EXTRA_PIECES = ("▁<SU", "▁<SUF", "▁<PRE", "▁<M", "▁<MID", "▁<E", "▁<EOT", "▁<PRE>", "▁<SUF>", "▁<MID>",
+                          "▁<EOT>") + tuple("▁" + "<EOT>" * k for k in range(2, 7))
+
+
+def _piece_message(piece: str, score: float) -> bytes:
+    """One ModelProto.SentencePiece (piece = field 1, score = field 2, type = field 3: NORMAL) as field 1."""
+    p = piece.encode("utf-8")
+    body = b"\x0a" + _varint(len(p)) + p + b"\x15" + struct.pack("<f", score) + b"\x18\x01"
+    return b"\x0a" + _varint(len(body)) + body
+
+
+def append_pieces(proto: bytes, pieces: Sequence[str] = CODELLAMA_EXTRA_PIECES) -> bytes:
+    """A SentencePiece ModelProto with ``pieces`` appended as ordinary (NORMAL) pieces at the end of the vocabulary,
+    scores continuing below the current last one: how CodeLlama's vocabulary extends Llama 2's (the infill pieces
+    at ids V..V+15, so ``supports_infilling`` holds). A repeated protobuf field may be continued at the end of the
+    message, so no protobuf package is needed."""
+    sp = spm.SentencePieceProcessor()
+    sp.LoadFromSerializedProto(proto)
+    present = [p for p in pieces if sp.piece_to_id(p) != sp.unk_id() or p == sp.id_to_piece(sp.unk_id())]
+    if present:
+        raise ValueError(f"append_pieces: pieces {present} are already in the vocabulary")
+    last = sp.get_score(sp.get_piece_size() - 1)
+    return proto + b"".join(_piece_message(p, last - 1 - k) for k, p in enumerate(pieces))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -3,19 +3,19 @@
 A BPE model (byte fallback, identity normalizer, dummy prefix, split digits: Llama's settings) is trained on Python
 standard-library source plus snippets in other languages; the 16 CodeLlama pieces are then appended as ordinary
 pieces at ids V-16..V-1 (SPEC §3.1 order) with scores continuing the -rank sequence, the way
-shared/tokenizers/codellama-format-tokenizer.model was built from Llama 2's vocabulary. The pieces are appended
-to the serialized ModelProto at the protobuf wire level (a repeated field may be continued at the end)."""
+shared/tokenizers/codellama-format-tokenizer.model was built from Llama 2's vocabulary
+(codellama_ext.tokenizer.append_pieces, at the protobuf wire level)."""
 
 from __future__ import annotations
 
 import inspect
 import io
-import struct
 import textwrap
 from pathlib import Path
 
-CODELLAMA_PIECES = ["▁<SU", "▁<SUF", "▁<PRE", "▁<M", "▁<MID", "▁<E", "▁<EOT", "▁<PRE>", "▁<SUF>", "▁<MID>",
-                    "▁<EOT>"] + ["▁" + "<EOT>" * k for k in range(2, 7)]
+from codellama_ext.tokenizer import CODELLAMA_EXTRA_PIECES, append_pieces
+
+CODELLAMA_PIECES = list(CODELLAMA_EXTRA_PIECES)
 assert len(CODELLAMA_PIECES) == 16
 
 SNIPPETS = [
@@ -31,35 +31,8 @@ SNIPPETS = [
 
 def corpus_lines() -> list[str]:
     text = "\n".join([Path(inspect.__file__).read_text(), Path(textwrap.__file__).read_text()] + SNIPPETS * 20)
-    return [line for line in text.split("\n") if line.strip()]
-
-
-def _field(num: int, wt: int) -> bytes:
-    return _varint((num << 3) | wt)
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b, n = n & 0x7F, n >> 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _piece_message(piece: str, score: float) -> bytes:
-    p = piece.encode("utf-8")
-    body = _field(1, 2) + _varint(len(p)) + p + _field(2, 5) + struct.pack("<f", score) + _field(3, 0) + _varint(1)
-    return _field(1, 2) + _varint(len(body)) + body
-
-
-def append_pieces(proto: bytes, pieces: list[str]) -> bytes:
-    """Appends NORMAL pieces whose scores continue below the current last score."""
-    import sentencepiece as spm
-    sp = spm.SentencePieceProcessor()
-    sp.LoadFromSerializedProto(proto)
-    last = sp.get_score(sp.get_piece_size() - 1)
-    return proto + b"".join(_piece_message(p, last - 1 - k) for k, p in enumerate(pieces))
+    # One "☺" (a required char): sentencepiece 0.2.2 aborts on a required char that never occurs.
+    return [line for line in text.split("\n") if line.strip()] + ["☺"]
 
 
 def train_base(vocab_size: int = 1200) -> bytes:
