@@ -260,7 +260,6 @@ prefill_tc_kernel(T* __restrict__ out, const T* __restrict__ q, int64_t q_rs, in
   for (int j = 0; j < D / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};  // rows g and g + 8; l: this lane's share
   const int64_t qpos0 = start + m0 + warp * 16 + g;                   // absolute positions of rows g, g + 8
-  const float scale_log2 = scale * 1.4426950408889634f;
 
   for (int t = 0; t < ntiles; ++t) {
     const int buf = t & 1;
@@ -285,19 +284,15 @@ prefill_tc_kernel(T* __restrict__ out, const T* __restrict__ q, int64_t q_rs, in
       }
     }
     // mask, running max, p = exp(s - m); element e of key tile j: row g + 8 (e / 2), key 8 j + 2 tig + e % 2
-    // Scores in log2 units (scale * log2 e folded in) so p = exp2(s - m): one MUFU op, and p is rounded to
-    // 16 bits next anyway. Tiles wholly before this warp's first row and inside nkeys need no mask.
     const int64_t key0 = static_cast<int64_t>(t) * kBN + 2 * tig;
-    const bool unmasked = static_cast<int64_t>(t + 1) * kBN - 1 <= start + m0 + warp * 16 &&
-                          static_cast<int64_t>(t + 1) * kBN <= nkeys;  // uniform over the warp
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int j = 0; j < kBN / 8; ++j) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int64_t key = key0 + 8 * j + (e & 1);
-        const bool ok = unmasked || (key <= qpos0 + 8 * (e >> 1) && key < nkeys);
-        s[j][e] = ok ? s[j][e] * scale_log2 : -INFINITY;
+        const bool ok = key <= qpos0 + 8 * (e >> 1) && key < nkeys;
+        s[j][e] = ok ? s[j][e] * scale : -INFINITY;
         mx[e >> 1] = fmaxf(mx[e >> 1], s[j][e]);
       }
     }
@@ -308,7 +303,7 @@ prefill_tc_kernel(T* __restrict__ out, const T* __restrict__ q, int64_t q_rs, in
       mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
       const float m_new = fmaxf(m_run[r], mx[r]);
       m_use[r] = m_new == -INFINITY ? 0.f : m_new;  // a row with no key yet: p = 0, no NaN
-      alpha[r] = exp2f(m_run[r] - m_use[r]);
+      alpha[r] = expf(m_run[r] - m_use[r]);
       m_run[r] = m_new;
       l_run[r] *= alpha[r];
     }
@@ -320,7 +315,7 @@ prefill_tc_kernel(T* __restrict__ out, const T* __restrict__ q, int64_t q_rs, in
     for (int j = 0; j < kBN / 8; ++j) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        s[j][e] = exp2f(s[j][e] - m_use[e >> 1]);
+        s[j][e] = expf(s[j][e] - m_use[e >> 1]);
         l_run[e >> 1] += s[j][e];
       }
     }
