@@ -1,8 +1,16 @@
-"""The `codellama-ext` command line: checkpoint conversion and a memory calculator (issue 4).
+"""The `codellama-ext` command line: checkpoint conversion and a memory calculator (issue 4), generation and its
+benchmark (issue 5).
 
     codellama-ext convert --input_dir META_DIR --model_size 7B --output_dir OUT         # Meta -> HF
     codellama-ext convert --input_dir HF_DIR --output_dir OUT --to meta                 # HF -> Meta
     codellama-ext memory --model-size 7B --dtype float16 --context 16384 --batch 1 [--quantize int8]
+    codellama-ext complete "def fib(n):" [--model DIR] [--max-new-tokens 64] [--stop "\n\n"]   (issue 5)
+    codellama-ext infill "def f(x):\n    <FILL_ME>\n    return y"   (or: infill PREFIX --suffix SUFFIX)
+    codellama-ext chat [--system TEXT] [--message TEXT]           # an interactive chat without --message
+    codellama-ext bench [--shape 1.1b] [--dtype bfloat16] [--batch 1 8] ...   # generation benchmark
+
+Generation commands read the prompt from stdin when it is '-' or absent and stdin is not a terminal, stream the
+text to stdout as it is generated, and show a loading progress line on stderr when stderr is a terminal.
 
 Every user error is one line on stderr, `codellama-ext: error: ...`: exit status 2 for a bad command line
 (argparse), 1 for anything else (missing folder, CheckpointError, ConfigError, I/O). Set CODELLAMA_EXT_DEBUG=1 to
@@ -12,6 +20,7 @@ get the traceback instead. New subcommands register themselves in `_COMMANDS` (o
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -214,8 +223,260 @@ def _run_memory(ns) -> int:
     return 0
 
 
+# ---- generation: complete, infill, chat (issue 5) ----
+def _float_in(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False):
+    """An argparse type for a float in [lo, hi] (an open end excludes its bound; hi may be inf)."""
+    rule = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            v = float("nan")
+        if not ((lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)):
+            raise argparse.ArgumentTypeError(f"expected a number in {rule}, got {s!r}")
+        return v
+    return parse
+
+
+def _non_negative_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}")
+    return v
+
+
+def _device(s: str) -> str:
+    import torch
+    try:
+        kind = torch.device(s).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {s!r}")
+    return s
+
+
+def _model_arguments(p) -> None:
+    p.add_argument("--model", default=None,
+                   help="model folder, Meta or HF format, with tokenizer.model (default: the embedded model)")
+    p.add_argument("--device", type=_device, default=None, help="cpu, cuda or cuda:N (default: cuda if present)")
+    p.add_argument("--dtype", choices=("auto",) + _DTYPES, default=None,
+                   help="activation/weight dtype (default: float16 on CUDA, bfloat16 or float32 on CPU; "
+                        "auto: as stored)")
+    p.add_argument("--quantize", choices=("int8",), default=None, help="int8 linear weights")
+    p.add_argument("--max-seq-len", "--max_seq_len", dest="max_seq_len", type=_positive_int, default=None,
+                   help="context window in tokens, prompt included (default: the model's, at most 4096)")
+
+
+def _sampling_arguments(p) -> None:
+    p.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=_positive_int,
+                   default=256, help="most tokens to generate (default 256)")
+    p.add_argument("--temperature", type=_float_in(0, float("inf"), hi_open=True), default=0.0,
+                   help="0 = greedy (default 0)")
+    p.add_argument("--top-p", "--top_p", dest="top_p", type=_float_in(0, 1, lo_open=True), default=0.9,
+                   help="nucleus sampling mass, in (0, 1] (default 0.9)")
+    p.add_argument("--top-k", "--top_k", dest="top_k", type=_non_negative_int, default=0,
+                   help="sample among the k most likely tokens; 0 = all (default 0)")
+    p.add_argument("--repetition-penalty", "--repetition_penalty", dest="repetition_penalty",
+                   type=_float_in(0, float("inf"), lo_open=True, hi_open=True), default=1.0,
+                   help="> 1 discourages repeating tokens (default 1.0: off)")
+    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible (same device and dtype)")
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop when this text is generated (repeatable; the text is not printed)")
+
+
+def _generation_parser(sub, name: str, **kw):
+    p = sub.add_parser(name, **kw)
+    _model_arguments(p)
+    _sampling_arguments(p)
+    return p
+
+
+def _add_complete(sub) -> None:
+    p = _generation_parser(sub, "complete", help="continue a prompt (code completion)",
+                           description="Prints the model's continuation of PROMPT as it is generated. Stops at "
+                                       "the end-of-sequence token, a --stop text, or --max-new-tokens.")
+    p.add_argument("prompt", nargs="?", default=None, metavar="PROMPT", help="the prompt; '-' or absent: stdin")
+    p.set_defaults(func=_run_complete)
+
+
+def _add_infill(sub) -> None:
+    p = _generation_parser(sub, "infill", help="fill in the middle of code (<FILL_ME>)",
+                           description="Prints the code that belongs at <FILL_ME> in TEXT (or between TEXT and "
+                                       "--suffix) as it is generated; --whole prints TEXT with the filling in "
+                                       "place. Needs a model with infilling tokens (7B/13B, not 34B or -Python).")
+    p.add_argument("text", nargs="?", default=None, metavar="TEXT",
+                   help="code containing <FILL_ME> once, or the prefix when --suffix is given; '-' or absent: stdin")
+    p.add_argument("--suffix", default=None, help="the code after the gap (then TEXT is the code before it)")
+    p.add_argument("--suffix-first", "--suffix_first", dest="suffix_first", action="store_true",
+                   help="suffix-prefix-middle prompt order (SPM) instead of prefix-suffix-middle")
+    p.add_argument("--whole", action="store_true", help="print the whole text with the gap filled")
+    p.set_defaults(func=_run_infill)
+
+
+def _add_chat(sub) -> None:
+    p = _generation_parser(sub, "chat", help="chat with an Instruct model (interactive, streaming)",
+                           description="Without --message: an interactive chat when stdin is a terminal (/exit "
+                                       "or Ctrl-D ends it, /reset forgets the conversation), else one turn with "
+                                       "stdin as the message. With --message: one turn, the reply printed.")
+    p.add_argument("--message", default=None, help="one user message ('-': stdin); prints the reply and exits")
+    p.add_argument("--system", default=None, help="a system prompt")
+    p.set_defaults(func=_run_chat)
+
+
+def _read_input(value: str | None, what: str) -> str:
+    """The argument, or stdin when it is '-' or absent and stdin is not a terminal."""
+    if value is not None and value != "-":
+        return value
+    if value is None and sys.stdin.isatty():
+        raise CLIError(f"{what}: give it as an argument or pipe it on stdin")
+    return sys.stdin.read()
+
+
+def _load(ns):
+    from .api import CodeLlama
+    import torch
+    if ns.model is not None and not os.path.isdir(ns.model):
+        raise CLIError(f"--model {ns.model}: no such folder")
+    device = ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {device}: no CUDA device is available")
+    return CodeLlama.from_pretrained(ns.model, device=device, dtype=ns.dtype, quantize=ns.quantize,
+                                     max_seq_len=ns.max_seq_len, max_batch_size=1, progress=sys.stderr.isatty())
+
+
+def _sampling(ns) -> dict:
+    return {k: getattr(ns, k) for k in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty",
+                                        "seed", "stop")}
+
+
+def _write_stream(deltas, newline: bool | None = None) -> str:
+    """Writes text deltas to stdout as they come, then a newline if asked (default: on a terminal, so that piped
+    output is exactly the generated text); returns the text."""
+    text = []
+    for d in deltas:
+        sys.stdout.write(d)
+        sys.stdout.flush()
+        text.append(d)
+    if sys.stdout.isatty() if newline is None else newline:
+        sys.stdout.write("\n")
+    sys.stdout.flush()
+    return "".join(text)
+
+
+def _run_complete(ns) -> int:
+    prompt = _read_input(ns.prompt, "PROMPT")
+    llm = _load(ns)
+    _write_stream(llm.stream(prompt, mode="complete", **_sampling(ns)))
+    return 0
+
+
+FILL = "<FILL_ME>"
+
+
+def _run_infill(ns) -> int:
+    text = _read_input(ns.text, "TEXT")
+    if ns.suffix is None:
+        if text.count(FILL) != 1:
+            raise CLIError(f"TEXT must contain {FILL} exactly once (found {text.count(FILL)}), or give --suffix")
+        prefix, suffix = text.split(FILL)
+    elif FILL in text:
+        raise CLIError(f"TEXT contains {FILL} and --suffix is given: use one or the other")
+    else:
+        prefix, suffix = text, ns.suffix
+    llm = _load(ns)
+    deltas = llm.stream(prefix, mode="infill", suffix=suffix, suffix_first=ns.suffix_first, **_sampling(ns))
+    if ns.whole:
+        deltas = itertools.chain([prefix], deltas, [suffix])
+    _write_stream(deltas)
+    return 0
+
+
+def _run_chat(ns) -> int:
+    history = [] if ns.system is None else [{"role": "system", "content": ns.system}]
+    if ns.message is not None or not sys.stdin.isatty():
+        message = _read_input(ns.message if ns.message is not None else "-", "--message")
+        llm = _load(ns)
+        _write_stream(llm.stream(history + [{"role": "user", "content": message}], mode="chat", **_sampling(ns)))
+        return 0
+    llm = _load(ns)
+    print("chat: /exit or Ctrl-D to end, /reset to forget the conversation", file=sys.stderr)
+    while True:
+        try:
+            message = input(">>> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if not message.strip():
+            continue
+        if message.strip() == "/exit":
+            return 0
+        if message.strip() == "/reset":
+            history = history[:1] if ns.system is not None else []
+            continue
+        turn = history + [{"role": "user", "content": message}]
+        try:
+            reply = _write_stream(llm.stream(turn, mode="chat", **_sampling(ns)), newline=True)
+        except KeyboardInterrupt:  # stops this reply (the stream is closed, its slot freed), keeps the chat
+            print("\n(interrupted)", file=sys.stderr)
+            continue
+        history = turn + [{"role": "assistant", "content": reply}]
+
+
+# ---- bench ----
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="generation benchmark: ours against transformers on a random-weight model",
+                       description="Decode tokens/s at each --batch and prefill time of each --prefill length, "
+                                   "our generate against transformers' on the same random-weight checkpoint in "
+                                   "the same run, with the ratio and the decode's share of the measured read "
+                                   "bandwidth; a markdown table. Details: codellama_ext/benchmark.py.")
+    p.add_argument("--shape", "--preset", dest="shape", nargs="+", default=None,
+                   help="model shapes: small, 1.1b (dim 2048, 22 layers, GQA 32/4), 7b (default: 1.1b, plus 7b "
+                        "on CUDA)")
+    p.add_argument("--dtype", nargs="+", choices=_DTYPES, default=None,
+                   help="weight/activation dtypes (default: float16 on CUDA, bfloat16 on CPU)")
+    p.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda if present)")
+    p.add_argument("--batch", nargs="+", type=_positive_int, default=[1, 8], help="decode batch sizes (default 1 8)")
+    p.add_argument("--new-tokens", "--new_tokens", dest="new_tokens", type=_positive_int, default=None,
+                   help="new tokens per decode measurement, at least 2 (default 128 on CUDA, 16 on CPU)")
+    p.add_argument("--prompt-len", "--prompt_len", dest="prompt_len", type=_positive_int, default=16,
+                   help="prompt tokens before the decode measurement (default 16)")
+    p.add_argument("--prefill", nargs="*", type=_positive_int, default=[128, 2048],
+                   help="prompt lengths whose prefill is timed (default 128 2048; give none to skip)")
+    p.add_argument("--no-int8", dest="int8", action="store_false", help="skip our int8 runs")
+    p.add_argument("--no-hf", dest="hf", action="store_false", help="skip transformers (ours only)")
+    p.add_argument("--repeats", type=_positive_int, default=1, help="timed runs per number, median (default 1)")
+    p.add_argument("--workdir", default=None, help="folder for the temporary checkpoint (default: $TMPDIR)")
+    p.set_defaults(func=_run_bench)
+
+
+def _run_bench(ns) -> int:
+    import torch
+    from .benchmark import SHAPES, run_benchmark
+    unknown = [s for s in ns.shape or () if s not in SHAPES]
+    if unknown:
+        raise CLIError(f"--shape {unknown[0]!r}: expected one of {', '.join(SHAPES)}")
+    device = ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = torch.device(device).type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise CLIError(f"--device {device}: no CUDA device is available")
+    new_tokens = ns.new_tokens or (128 if cuda else 16)
+    if new_tokens < 2:
+        raise CLIError(f"--new-tokens must be at least 2 (decode speed is timed over tokens 2..N), got {new_tokens}")
+    if ns.workdir is not None and not os.path.isdir(ns.workdir):
+        raise CLIError(f"--workdir {ns.workdir}: no such folder")
+    run_benchmark(ns.shape or (["1.1b", "7b"] if cuda else ["1.1b"]), ns.dtype or (["float16"] if cuda else
+                  ["bfloat16"]), device, ns.batch, new_tokens, ns.prompt_len, ns.prefill, int8=ns.int8, hf=ns.hf,
+                  repeats=ns.repeats, workdir=ns.workdir)
+    return 0
+
+
 # ---- entry point ----
-_COMMANDS: list[Callable] = [_add_convert, _add_memory]
+_COMMANDS: list[Callable] = [_add_convert, _add_memory, _add_complete, _add_infill, _add_chat, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

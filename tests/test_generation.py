@@ -219,8 +219,16 @@ def test_padded_bucket_decode_equals_plain(folder, expected):
     assert any(padded) and not all(padded)
 
 
+@pytest.fixture(scope="module")
+def folder_d64(spm_models, tmp_path_factory):
+    """As `folder`, with head_dim 64: the CUDA attention kernels take head_dim 64 or 128 (CodeLlama: 128)."""
+    hf64 = tiny_hf_model(seed=0, vocab=VOCAB, dim=128, n_heads=2, n_kv_heads=1, ffn=384)
+    return write_folder(hf64, spm_models["codellama"], tmp_path_factory.mktemp("gen-model-d64"))
+
+
 @pytest.mark.cuda
-def test_cuda_graph_decode_equals_eager(folder):
+def test_cuda_graph_decode_equals_eager(folder_d64):
+    folder = folder_d64
     model = load_model(folder, device="cuda", dtype=torch.float32, max_seq_len=96, max_batch_size=5)
     prompts = random_prompts(7)
     sp = SamplingParams(max_new_tokens=N_NEW)
