@@ -15,8 +15,8 @@ from codellama_ext import CodeLlama, CodeLlamaTokenizer, InfillingNotSupported, 
 from codellama_ext import api
 
 from checkpoint_fixtures import save_hf
-from test_generation import EOS, EOT, STEP, hf_greedy, make_hf_model, write_folder
-import tokenizer_fixtures
+from test_generation import EOS, EOT, STEP, hf_greedy
+from test_generation import folder, hf, spm_models  # noqa: F401  (the same module-scoped fixtures)
 
 N = 20
 # Chosen so that the fixture model (test_generation.make_hf_model) stops on EOS for one completion, on EOT for one
@@ -28,21 +28,6 @@ DIALOGS = [
     [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
      {"role": "user", "content": "sum two ints"}],
 ]
-
-
-@pytest.fixture(scope="module")
-def spm_models(tmp_path_factory):
-    return tokenizer_fixtures.build_models(tmp_path_factory.mktemp("spm"))
-
-
-@pytest.fixture(scope="module")
-def hf():
-    return make_hf_model()
-
-
-@pytest.fixture(scope="module")
-def folder(hf, spm_models, tmp_path_factory):
-    return write_folder(hf, spm_models["codellama"], tmp_path_factory.mktemp("api-model"))
 
 
 @pytest.fixture(scope="module")
