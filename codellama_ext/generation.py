@@ -206,6 +206,12 @@ class Run:
         if params.temperature > 0 and params.seed is not None:
             self._generator = torch.Generator(device=engine.model.device)
             self._generator.manual_seed(params.seed)
+        self._sample_args = None  # per-row temperature / top-k / top-p, built once, sliced to the live rows
+        if params.temperature > 0:
+            rows, dev = engine.model.max_batch_size, engine.model.device
+            self._sample_args = (torch.full((rows,), params.temperature, dtype=torch.float32, device=dev),
+                                 torch.full((rows,), params.top_k, dtype=torch.int32, device=dev),
+                                 torch.full((rows,), params.top_p, dtype=torch.float32, device=dev))
         self._steps = self._generate()
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
@@ -252,10 +258,8 @@ class Run:
         if p.temperature == 0:
             tok = ops.argmax(logits)
         else:
-            f32 = dict(dtype=torch.float32, device=logits.device)
-            tok = ops.sample_with_generator(logits, torch.full((n,), p.temperature, **f32),
-                                            torch.full((n,), p.top_k, dtype=torch.int32, device=logits.device),
-                                            torch.full((n,), p.top_p, **f32), self._generator)
+            temperature, top_k, top_p = (a[:n] for a in self._sample_args)
+            tok = ops.sample_with_generator(logits, temperature, top_k, top_p, self._generator)
         if seen is not None:
             seen[torch.arange(n, device=seen.device), tok] = True
         if not self.logprobs:
