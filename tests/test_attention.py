@@ -43,8 +43,7 @@ def prefill(q, kc, vc, lens, starts, slots, device):
 def test_kv_cache_append_writes_exactly_the_target_rows(device, dtype):
     hq, hkv, d, t = 8, 2, 64, 5
     _, k, v = qkv_views(t, hq, hkv, d, dtype, device)
-    kc = poison(torch.empty(3, 16, hkv, d, device=device, dtype=dtype))
-    vc = poison(torch.empty_like(kc))
+    kc, vc = filled_cache(3, 16, hkv, d, dtype, device, {})  # all NaN
     slots, positions = [2, 0, 2, 1, 0], [0, 15, 7, 3, 4]
     ops.kv_cache_append(k, v, kc, vc, i32(slots, device), i32(positions, device))
     for i, (s, p) in enumerate(zip(slots, positions)):
@@ -128,8 +127,7 @@ def test_prefill_equals_token_by_token_decode(device, dtype):
     """Append + prefill of a whole prompt gives the same rows as appending and decoding one token at a time."""
     hq, hkv, d, n = 8, 2, 64, 21
     q, k, v = qkv_views(n, hq, hkv, d, dtype, device)
-    kc = poison(torch.empty(2, 32, hkv, d, device=device, dtype=dtype))
-    vc = poison(torch.empty_like(kc))
+    kc, vc = filled_cache(2, 32, hkv, d, dtype, device, {})  # all NaN
     ops.kv_cache_append(k, v, kc, vc, i32([1] * n, device), i32(list(range(n)), device))
     full, _ = prefill(q, kc, vc, [n], [0], [1], device)
     kc2, vc2 = poison(torch.empty_like(kc)), poison(torch.empty_like(vc))

@@ -312,6 +312,14 @@ def _copy(src, dst):
     return str(dst)
 
 
+def _edit_json(path, fn):
+    with open(path) as f:
+        data = json.load(f)
+    fn(data)
+    with open(path, "w") as f:
+        json.dump(data, f)
+
+
 def _edit_shard(folder, idx, fn):
     f = os.path.join(folder, f"consolidated.{idx:02d}.pth")
     sd = dict(torch.load(f, weights_only=True))
@@ -364,10 +372,7 @@ def _bad(case, folders, tmp_path):
         return d, r"consolidated\.01\.pth: tensor 'layers\.0\.attention\.wo\.weight' has shape \[64, 16\]"
     if case == "ffn disagrees":
         d = _copy(folders("gqa", "meta1"), tmp_path / "m")
-        p = os.path.join(d, "params.json")
-        params = json.load(open(p))
-        params["multiple_of"] = 256
-        json.dump(params, open(p, "w"))
+        _edit_json(os.path.join(d, "params.json"), lambda params: params.update(multiple_of=256))
         return d, r"feed_forward\.w1\.weight' has shape \[192, 64\], expected \[256, 64\].*FFN size 256"
     if case == "shard missing":
         d = _copy(folders("mha", "meta4"), tmp_path / "m")
@@ -421,10 +426,7 @@ def _bad(case, folders, tmp_path):
         return d, f"lists {victim}, which is missing"
     if case == "hf bad config":
         d = _copy(folders("gqa", "hf"), tmp_path / "m")
-        p = os.path.join(d, "config.json")
-        cfg = json.load(open(p))
-        cfg["num_key_value_heads"] = 3
-        json.dump(cfg, open(p, "w"))
+        _edit_json(os.path.join(d, "config.json"), lambda cfg: cfg.update(num_key_value_heads=3))
         return d, r"config\.json: n_kv_heads \(3\) must divide n_heads \(4\)"
     raise AssertionError(case)
 
