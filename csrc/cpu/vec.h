@@ -44,6 +44,15 @@ inline void parallel_for(int64_t n, int64_t grain, const F& fn) {
   }
 }
 
+// A read prefetch into all cache levels (never faults, so it may point past the end of an array).
+inline void prefetch(const void* p) {
+#if defined(__GNUC__) || defined(__clang__)
+  __builtin_prefetch(p, 0, 3);
+#else
+  (void)p;
+#endif
+}
+
 #ifdef CODELLAMA_AVX2
 using vec8 = __m256;
 
