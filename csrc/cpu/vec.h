@@ -81,15 +81,20 @@ inline void store8(Half* p, vec8 v) {
 }
 #endif
 inline void store8(float* p, vec8 v) { _mm256_storeu_ps(p, v); }
-// float -> bfloat16 with round-to-nearest-even and quiet NaNs, 8 at a time (matches to_bf16).
-inline void store8(BFloat16* p, vec8 v) {
-  __m256i u = _mm256_castps_si256(v);
-  __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+// float bits rounded to the nearest even bfloat16 (in the high 16 bits; the low ones are garbage), NaNs kept
+// quiet NaNs (matches to_bf16). The NaN fix-up is a branch: NaNs are rare, and the blend cost a third of the
+// rounding.
+inline __m256i bf16_round_bits(vec8 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
   __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb));
-  __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  __m256i qnan = _mm256_or_si256(u, _mm256_set1_epi32(0x400000));
-  r = _mm256_blendv_epi8(r, qnan, nan);
-  r = _mm256_srli_epi32(r, 16);
+  const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+  if (_mm256_movemask_ps(nan)) [[unlikely]]
+    r = _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x400000)), _mm256_castps_si256(nan));
+  return r;
+}
+inline void store8(BFloat16* p, vec8 v) {
+  const __m256i r = _mm256_srli_epi32(bf16_round_bits(v), 16);
   __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
 }
@@ -122,12 +127,8 @@ template <typename T> inline vec8 round_through(vec8 v) {
     return v;
 #ifdef CODELLAMA_AVX2
   } else if constexpr (std::is_same_v<T, BFloat16>) {  // in registers: the rounding of store8(BFloat16*)
-    const __m256i u = _mm256_castps_si256(v);
-    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb));
-    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    r = _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x400000)), nan);
-    return _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+    return _mm256_castsi256_ps(
+        _mm256_and_si256(bf16_round_bits(v), _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
 #if defined(__F16C__)
   } else if constexpr (std::is_same_v<T, Half>) {  // in registers: F16C round trip
     return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
