@@ -6,18 +6,68 @@
 //                     int8 weights on CUDA, our dequantize_int8 kernel writes W in x's dtype into a temporary first.
 //   Exception, 16-bit / fp32 weights on CUDA: our GEMV for M = 1 only (kCudaGemvMaxRows): on an H200 it matched
 //                     cuBLAS at M = 1 (83-85% of HBM bandwidth) and reached 0.62x cuBLAS at M = 8.
-//   Exception, int8 on CPU: our GEMV kernel for every M (8 rows per pass over W, K sliced so x stays in L1).
-//   On a CPU without native bf16 matmul (2-core Zen 3 here), dequantise + oneDNN bf16 matmul measured several
-//   times slower than it at M = 128 (tools/bench_kernels.py --only linear).
-// Both paths accumulate in fp32 and round once to x's dtype (cuBLAS/oneDNN reduced-precision GEMMs
+//   Exception, CPU: int8 weights, and 16-bit ones where the CPU has no native bf16 / fp16 matmul (no
+//                     AVX512-BF16 / AVX512-FP16 / AMX; e.g. the 2-core AVX2 EPYC of benchmarks/RESULTS.md), use
+//                     our GEMV up to kCpuGemvMaxRows (16) rows (8 rows per pass over W); above, W is converted to
+//                     fp32 a block of rows at a time and multiplied by fp32 sgemm (cpu_gemm_fp32_blocks below).
+//                     There oneDNN's bf16 matmul measured 5.3x slower than that at M = 128.
+// Every path accumulates in fp32 and rounds once to x's dtype (cuBLAS/oneDNN reduced-precision GEMMs
 // accumulate in fp32 by default).
 #include "codellama/linear.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+
+#include <utility>
 
 #include "checks.h"
 #include "ops.h"
 
 namespace codellama::bind {
 namespace {
+
+// CPU, int8 weights or 16-bit ones without a native matmul: above this many rows the fp32-block GEMM beats our
+// GEMV (2-core EPYC, 4096 -> 11008: 16 rows 26 vs 34 ms, 32 rows 55 vs 43 ms, int8).
+constexpr int64_t kCpuGemvMaxRows = 16;
+
+// Whether this CPU multiplies dt natively (x86: AVX512-BF16 / AMX-BF16, AVX512-FP16 / AMX-FP16, from cpuid;
+// torch 2.14 no longer exports its own checks). Other architectures: assumed native, at::matmul decides.
+bool cpu_has_native_matmul(at::ScalarType dt) {
+#if defined(__x86_64__) || defined(__i386__)
+  static const auto flags = [] {
+    unsigned a0 = 0, b0 = 0, c0 = 0, d0 = 0, a1 = 0, b1 = 0, c1 = 0, d1 = 0;
+    __get_cpuid_count(7, 0, &a0, &b0, &c0, &d0);
+    __get_cpuid_count(7, 1, &a1, &b1, &c1, &d1);
+    const bool bf16 = (a1 >> 5 & 1) || (d0 >> 22 & 1);  // AVX512_BF16, AMX-BF16
+    const bool fp16 = (d0 >> 23 & 1) || (a1 >> 21 & 1);  // AVX512_FP16, AMX-FP16
+    return std::pair<bool, bool>{bf16, fp16};
+  }();
+  if (dt == at::kBFloat16) return flags.first;
+  if (dt == at::kHalf) return flags.second;
+#endif
+  return true;
+}
+
+// x2 [M, K] (CPU) times W^T, W [N, K] given block-wise: fill(block [n, K] float32, n0, n) writes rows n0 .. n0+n
+// of W in fp32. Blocks of ~4 MiB stay in cache between the conversion and the sgemm that reads them. -> [M, N]
+// in x2's dtype (one rounding of the fp32 sums).
+template <typename Fill>
+at::Tensor cpu_gemm_fp32_blocks(const at::Tensor& x2, int64_t N, const Fill& fill) {
+  const int64_t M = x2.size(0), K = x2.size(1);
+  const at::Tensor xf = x2.to(at::kFloat);
+  at::Tensor yf = at::empty({M, N}, xf.options());
+  const int64_t block = std::min(N, std::max<int64_t>(16, (int64_t{1} << 20) / K));
+  at::Tensor wf = at::empty({block, K}, xf.options());
+  for (int64_t n0 = 0; n0 < N; n0 += block) {
+    const int64_t n = std::min(block, N - n0);
+    at::Tensor w = wf.narrow(0, 0, n);
+    fill(w, n0, n);
+    at::Tensor y = yf.narrow(1, n0, n);  // row stride N: sgemm writes it in place (ldc = N)
+    at::mm_out(y, xf, w.t());
+  }
+  return yf.to(x2.scalar_type());
+}
 
 // x [..., K] -> [M, K] with a contiguous last dim (a view when possible).
 at::Tensor rows_of(const at::Tensor& x, int64_t K) {
@@ -52,7 +102,13 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight) {
   const int64_t K = x.size(-1), N = weight.size(0);
   const at::Tensor x2 = rows_of(x, K);
   const int64_t M = x2.size(0);
-  if (M > (x.is_cuda() ? kCudaGemvMaxRows : kGemvMaxRows)) {
+  const bool cpu_blocks = !x.is_cuda() && !cpu_has_native_matmul(x.scalar_type());
+  if (M > (x.is_cuda() ? kCudaGemvMaxRows : cpu_blocks ? kCpuGemvMaxRows : kGemvMaxRows)) {
+    if (cpu_blocks) {
+      return cpu_gemm_fp32_blocks(x2, N, [&](at::Tensor& w, int64_t n0, int64_t n) {
+        w.copy_(weight.narrow(0, n0, n));
+      }).view(out_shape(x, N));
+    }
     return at::matmul(x2, weight.t()).view(out_shape(x, N));  // GEMM: cuBLAS / oneDNN
   }
   at::Tensor out = at::empty({M, N}, x.options());
@@ -127,7 +183,14 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qweight, const at:
 #endif
     return at::matmul(x2, w.t()).view(out_shape(x, N));
   }
-  // GEMV: CUDA for M <= 8; CPU for every M (see the dispatch rule above)
+  if (M > kCpuGemvMaxRows && !x.is_cuda()) {
+    const int8_t* q = qweight.data_ptr<int8_t>();
+    const float* s = scales.data_ptr<float>();
+    return cpu_gemm_fp32_blocks(x2, N, [&](at::Tensor& w, int64_t n0, int64_t n) {
+      cpu::dequantize_int8(DType::kFloat32, w.data_ptr(), q + n0 * K, s + n0 * G, n, K, G);
+    }).view(out_shape(x, N));
+  }
+  // GEMV: CUDA for M <= 8; CPU for the remaining M (see the dispatch rule above)
   at::Tensor out = at::empty({M, N}, x.options());
   if (M > 0 && N > 0) {
     if (x.is_cuda()) {
