@@ -8,7 +8,7 @@
 //                     cuBLAS at M = 1 (83-85% of HBM bandwidth) and reached 0.62x cuBLAS at M = 8.
 //   Exception, CPU: int8 weights, and 16-bit ones where the CPU has no native bf16 / fp16 matmul (no
 //                     AVX512-BF16 / AVX512-FP16 / AMX; e.g. the 2-core AVX2 EPYC of benchmarks/RESULTS.md), use
-//                     our GEMV up to kCpuGemvMaxRows (16) rows (8 rows per pass over W); above, W is converted to
+//                     our GEMV up to kCpuGemvMaxRows (32) rows (8 rows per pass over W); above, W is converted to
 //                     fp32 a block of rows at a time and multiplied by fp32 sgemm (cpu_gemm_fp32_blocks below).
 //                     There oneDNN's bf16 matmul measured 5.3x slower than that at M = 128.
 // Every path accumulates in fp32 and rounds once to x's dtype (cuBLAS/oneDNN reduced-precision GEMMs
@@ -28,8 +28,9 @@ namespace codellama::bind {
 namespace {
 
 // CPU, int8 weights or 16-bit ones without a native matmul: above this many rows the fp32-block GEMM beats our
-// GEMV (2-core EPYC, 4096 -> 11008: 16 rows 26 vs 34 ms, 32 rows 55 vs 43 ms, int8).
-constexpr int64_t kCpuGemvMaxRows = 16;
+// GEMV (2-core EPYC, 4096 -> 11008, GEMV vs blocks: 16 rows bf16 20 vs 34 ms, int8 29 vs 34; 32 rows int8 55 vs
+// 43-61; 64 rows int8 102 vs 63-68 ms; benchmarks/RESULTS.md).
+constexpr int64_t kCpuGemvMaxRows = 32;
 
 // Whether this CPU multiplies dt natively (x86: AVX512-BF16 / AMX-BF16, AVX512-FP16 / AMX-FP16, from cpuid;
 // torch 2.14 no longer exports its own checks). Other architectures: assumed native, at::matmul decides.

@@ -13,7 +13,7 @@
 //   M >  kGemvMaxRows:     a GEMM from the binding layer: at::matmul (cuBLAS tensor cores / oneDNN); for int8
 //                          the weights are first dequantised to the activation dtype (dequantize_int8 below).
 //                          Exceptions: on CPU, int8 weights, and 16-bit ones where the CPU has no native
-//                          bf16/fp16 matmul, use the GEMV up to 16 rows and above it fp32 sgemm on blocks of W
+//                          bf16/fp16 matmul, use the GEMV up to 32 rows and above it fp32 sgemm on blocks of W
 //                          converted to fp32; unquantised weights on CUDA use the GEMV for
 //                          M <= kCudaGemvMaxRows (1) only. The binding (python/ops/linear.cpp) has the details.
 // The GEMV kernels accept any M (the CPU ones process rows in chunks of 8), but are tuned for M <= 8.
