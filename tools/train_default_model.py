@@ -21,7 +21,9 @@ FIM cut points lie on line boundaries (just before or just after a newline token
 a newline, so the token ids on either side of such a cut do not depend on the other side: the prefix, middle and
 suffix ids are slices of the document's ids (the window's first line re-encoded with the implicit leading space),
 equal to what infill_ids / encode_infilling make of the cut texts, with no tokenization in the training loop.
-Half of the FIM examples mask exactly one line (the task the evaluation measures), the rest a random span.
+Half of the FIM examples mask exactly one line (the task the evaluation measures), the rest a random span. FIM
+windows have every length up to the row and are packed several to a row, so infilling works at any prompt length.
+--init continues training from an exported folder (the shipped model: a GPU run, then a FIM-heavier CPU run).
 
   python tools/train_default_model.py                         # everything on this CPU (~2 hours)
   python tools/train_default_model.py --stages train,export --device cuda --minutes 4 --batch-size 64 \\
@@ -58,6 +60,7 @@ DEFAULT_WORK = ROOT / "build" / "default_model_work"
 STAGES = ("prepare", "train", "export", "evaluate")
 MAX_FILE_BYTES = 200_000      # larger stdlib files are data tables or generated (pydoc_data/topics.py)
 HELDOUT_PER_MILLE = 30
+MIN_FIM_WINDOW = 48           # ids of the shortest FIM window (prefix + middle + suffix)
 
 
 def _package_module(name: str):
@@ -288,14 +291,23 @@ class FIMSampler:
         return self.ids[s:s + n]
 
     def row(self) -> np.ndarray:
+        """With probability fim_rate a FIM example starts the row, and after each one, with that probability again,
+        another follows while it fits; plain stream ids fill the rest. Window lengths are uniform up to the row, so
+        FIM works at every prompt length (trained on full-row windows only, a model infilled at ~1000 tokens of
+        prompt and not at 200); packing several short ones keeps the FIM share of the compute up."""
         n = self.seq_len + 1
-        if self.rng.random() < self.fim_rate:
-            w = self.window(n - 8)
+        parts, used = [], 0
+        while self.rng.random() < self.fim_rate:
+            w = self.window(int(self.rng.integers(min(MIN_FIM_WINDOW, n - 8), n - 7)))
             cut = self.cut_points(w, bool(self.rng.random() < 0.5))
-            if cut is not None:
-                ex = self.fim_ids(w, *cut, spm_order=bool(self.rng.random() < 0.5))
-                return np.concatenate([ex, self._stream(n - len(ex))])
-        return self._stream(n)
+            if cut is None:
+                continue
+            ex = self.fim_ids(w, *cut, spm_order=bool(self.rng.random() < 0.5))
+            if used + len(ex) > n:
+                break
+            parts.append(ex)
+            used += len(ex)
+        return np.concatenate(parts + [self._stream(n - used)])
 
     def window(self, max_len: int) -> np.ndarray:
         """Ids of whole lines of one document (doc chosen in proportion to its length), as encode_meta makes them
@@ -393,6 +405,23 @@ def heldout_loss(model, windows: torch.Tensor, device, cuda: bool) -> float:
     return total / windows[:, 1:].numel()
 
 
+def load_init(model: TrainModel, folder: Path) -> dict:
+    """Loads an exported folder's weights into `model` (continued training) and returns that folder's
+    training.json, so the new model's record says what it started from."""
+    try:
+        weights = torch.load(folder / "consolidated.00.pth", map_location="cpu", weights_only=True, mmap=True)
+        info = json.loads((folder / "training.json").read_text())
+    except FileNotFoundError as e:
+        raise SystemExit(f"--init {folder}: not an exported model folder ({e.filename} is missing)") from None
+    try:
+        model.load_state_dict({k: v.float() for k, v in weights.items()})
+    except RuntimeError as e:
+        raise SystemExit(f"--init {folder}: its weights do not fit the model flags (--dim, --n-layers, ...): "
+                         f"{str(e).splitlines()[0]}") from None
+    log(f"train: starting from {folder} ({info.get('tokens', 0):,} tokens of training)")
+    return info
+
+
 def train(args) -> None:
     work = Path(args.work)
     meta = json.loads((work / "meta.json").read_text())
@@ -400,7 +429,11 @@ def train(args) -> None:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     a = model_args(args, meta["vocab_size"])
-    model = TrainModel(a, args.seq_len).to(device)
+    model = TrainModel(a, args.seq_len)
+    init_info = None
+    if args.init:
+        init_info = load_init(model, Path(args.init))
+    model = model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"train: {n_params / 1e6:.2f}M parameters, dim {a.dim}, {a.n_layers} layers, {a.n_heads} heads / "
         f"{a.n_kv_heads} kv heads, FFN {a.ffn_hidden}, vocab {a.vocab_size}, seq {args.seq_len}, "
@@ -458,7 +491,10 @@ def train(args) -> None:
             "heldout_loss": round(val_loss, 3),
             "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr, "fim_rate": args.fim_rate,
             "seed": args.seed, "parameters": n_params, "torch": str(torch.__version__),
-            "python": sys.version.split()[0], "data_python": meta["python"]}
+            "python": sys.version.split()[0], "data_python": meta["python"], "fim_windows": "packed, any length",
+            "command": " ".join(["tools/train_default_model.py", *sys.argv[1:]])}
+    if init_info is not None:
+        info["init"] = init_info
     torch.save({"model": {k: v.float().cpu() for k, v in model.state_dict().items()},
                 "params": a.to_meta_params() | {"vocab_size": a.vocab_size}, "info": info}, work / "ckpt.pt")
     log(f"train: {step} steps, {tokens:,} tokens in {minutes:.1f} min -> {work / 'ckpt.pt'}")
@@ -582,13 +618,18 @@ def write_card(out: Path, meta: dict, info: dict, model, r: dict, examples) -> N
                    for p, line, s in examples)
     ex = f"Some exact single-line infills (over 20 characters):\n\n{ex}" if ex else \
         "No exact single-line infill longer than 20 characters to show."
-    if r["infill_exact_match"] > max(2 * r["infill_baseline"], 0.02):
-        infill = (f"Infilling: it fills a masked line exactly in {r['infill_exact_match']:.0%} of held-out cases, "
-                  "mostly short, predictable lines.")
+    em, base = r["infill_exact_match"], r["infill_baseline"]
+    if em > max(2 * base, 0.05):
+        infill = (f"Infilling: it fills a masked line exactly in {em:.0%} of held-out cases, mostly short, "
+                  "predictable lines.")
+    elif em > base:
+        infill = (f"Infilling: rarely exact ({em:.1%} of held-out lines, baseline {base:.1%}). Its middles "
+                  "mostly have the right shape (indentation, a statement that fits the names around the gap) and "
+                  "are wrong in the details; some do not stop at the end of the line. On short prompts unlike "
+                  "the standard library (README's quick start) it tends to copy the suffix into the gap and run on.")
     else:
-        infill = (f"Infilling: not useful yet, {r['infill_exact_match']:.0%} exact on held-out lines, no better "
-                  f"than the baseline ({info['minutes']} minutes of training on {info['device']} is too little); "
-                  "greedy output soon repeats itself.")
+        infill = (f"Infilling: not useful yet, {em:.0%} exact on held-out lines, no better "
+                  "than the baseline; greedy output soon repeats itself.")
     card = f"""# codellama_ext default model
 
 A {info['parameters'] / 1e6:.1f}M-parameter model with CodeLlama's architecture and conventions, trained from
@@ -601,9 +642,8 @@ It is a toy next to CodeLlama 7B: see "What it can and cannot do".
   {MAX_FILE_BYTES // 1000} kB, generated tables and files that do not parse: {d['train_files']} training files
   ({d['train_bytes'] / 1e6:.1f} MB, {d['train_tokens']:,} tokens) and {meta['heldout_files']} held-out files
   ({meta['heldout_bytes'] / 1e6:.2f} MB), chosen by a hash of the relative path (about {HELDOUT_PER_MILLE / 10:g}%).
-- Objective: causal LM, and with probability {info['fim_rate']} per training row fill-in-the-middle in CodeLlama's
-  token format (`infill_ids` + middle + `<EOT>`), half PSM and half SPM; cuts on line boundaries, half of the FIM
-  examples masking exactly one line.
+- Objective: causal LM plus fill-in-the-middle examples in CodeLlama's token format (`infill_ids` + middle +
+  `<EOT>`), half PSM and half SPM; cuts on line boundaries, half of the FIM examples masking exactly one line.
 
 ## Tokenizer
 SentencePiece BPE trained on the training files with Llama's settings (byte fallback, implicit leading space,
@@ -619,11 +659,11 @@ RoPE theta {a.rope_theta:g} (Meta's interleaved layout), untied output, vocabula
 {info['seq_len']} tokens.
 
 ## Training
-{info['device']}, torch {info['torch']}: {info['steps']:,} steps of {info['batch_size']} x {info['seq_len']} tokens,
-{info['tokens']:,} tokens ({info['epochs']} epochs), {info['minutes']} minutes; AdamW (lr {info['lr']}, betas
-0.9/0.95, weight decay 0.1), warmup then cosine decay to 10%, seed {info['seed']}. Final training loss (EMA,
-FIM rows included) {info['final_loss_ema']}; held-out loss (plain LM) {info['heldout_loss']}.
-Data prepared in {d['prepare_seconds']:.0f} s (Python {d['python']}). Details: training.json.
+{training_stages(info)}
+AdamW (betas 0.9/0.95, weight decay 0.1), warmup then cosine decay to 10% of the peak lr in each run, seed
+{info['seed']}. Final training loss (EMA, FIM rows included) {info['final_loss_ema']}; held-out loss (plain LM)
+{info['heldout_loss']}. Data prepared in {d['prepare_seconds']:.0f} s (Python {d['python']}). Details:
+training.json.
 
 ## Held-out metrics (measured through codellama_ext)
 | metric | this model | unigram baseline |
@@ -652,6 +692,27 @@ training line (`{meta['most_frequent_line']}`).
 """
     (out / "MODEL_CARD.md").write_text(card)
     log(f"evaluate: wrote {out / 'MODEL_CARD.md'}")
+
+
+def training_stages(info: dict) -> str:
+    """One list item per training run, oldest first (a run continued with --init records its start's info)."""
+    runs = []
+    while info is not None:
+        runs.append(info)
+        info = info.get("init")
+    lines = []
+    for i, r in enumerate(reversed(runs)):
+        fim = (f"FIM windows of any length packed into the rows (each row opens with one with probability "
+               f"{r['fim_rate']}, and each further one follows with that probability while it fits)"
+               if r.get("fim_windows") else
+               f"a FIM example in a row with probability {r['fim_rate']}, always a full-row window (an earlier "
+               "version of the sampler)")
+        how = "from scratch" if i == 0 else "continued from the weights above"
+        cmd = f"; `{r['command']}`" if r.get("command") else ""
+        lines.append(f"- {how}: {r['device']}, torch {r['torch']}, {r['steps']:,} steps of {r['batch_size']} x "
+                     f"{r['seq_len']} tokens = {r['tokens']:,} tokens ({r['epochs']} epochs) in {r['minutes']} "
+                     f"minutes, peak lr {r['lr']}; {fim}{cmd}")
+    return "\n".join(lines)
 
 
 def model_ids(out: Path) -> str:
@@ -685,7 +746,9 @@ def parse_args(argv=None):
     g.add_argument("--seq-len", type=int, default=512)
     g.add_argument("--lr", type=float, default=2e-3)
     g.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
-    g.add_argument("--fim-rate", type=float, default=0.7, help="fraction of rows turned into FIM examples")
+    g.add_argument("--fim-rate", type=float, default=0.7, help="probability that a row opens with a FIM example, and that each further one follows (while it fits)")
+    g.add_argument("--init", default=None,
+                   help="continue training from an exported model folder (same model flags and tokenizer)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (worth it on a GPU)")
     g.add_argument("--workers", type=int, default=None,
                    help="data loader processes (default: 4 on CUDA, 0 on CPU, where cores go to the model)")
