@@ -28,8 +28,8 @@ namespace codellama::bind {
 namespace {
 
 // CPU, int8 weights or 16-bit ones without a native matmul: above this many rows the fp32-block GEMM beats our
-// GEMV (2-core EPYC, 4096 -> 11008, GEMV vs blocks: 16 rows bf16 20 vs 34 ms, int8 29 vs 34; 32 rows int8 55 vs
-// 43-61; 64 rows int8 102 vs 63-68 ms; benchmarks/RESULTS.md).
+// GEMV (2-core EPYC, 4096 -> 11008, GEMV vs blocks: 16 rows bf16 20 vs 34 ms; 32 rows int8 54-56 vs 61 ms;
+// 64 rows int8 102 vs 63-68 ms; benchmarks/RESULTS.md).
 constexpr int64_t kCpuGemvMaxRows = 32;
 
 // Whether this CPU multiplies dt natively (x86: AVX512-BF16 / AMX-BF16, AVX512-FP16 / AMX-FP16, from cpuid;
