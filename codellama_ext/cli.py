@@ -47,14 +47,21 @@ class _Parser(argparse.ArgumentParser):
 
 
 # ---- argument types ----
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
-    return v
+def _int_at_least(lo: int, rule: str):
+    """An argparse type for an integer >= lo; `rule` names it in the error ("a positive integer")."""
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            v = lo - 1
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"expected {rule}, got {s!r}")
+        return v
+    return parse
+
+
+_positive_int = _int_at_least(1, "a positive integer")
+_non_negative_int = _int_at_least(0, "an integer >= 0")
 
 
 def _byte_size(s: str) -> int:
@@ -239,16 +246,6 @@ def _float_in(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False
     return parse
 
 
-def _non_negative_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        v = -1
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}")
-    return v
-
-
 def _device(s: str) -> str:
     import torch
     try:
@@ -337,14 +334,20 @@ def _read_input(value: str | None, what: str) -> str:
     return sys.stdin.read()
 
 
-def _load(ns):
-    from .api import CodeLlama
+def _resolve_device(ns) -> str:
+    """--device, or cuda when present, else cpu; a CUDA device that is not there is a user error."""
     import torch
-    if ns.model is not None and not os.path.isdir(ns.model):
-        raise CLIError(f"--model {ns.model}: no such folder")
     device = ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise CLIError(f"--device {device}: no CUDA device is available")
+    return device
+
+
+def _load(ns):
+    from .api import CodeLlama
+    if ns.model is not None and not os.path.isdir(ns.model):
+        raise CLIError(f"--model {ns.model}: no such folder")
+    device = _resolve_device(ns)
     return CodeLlama.from_pretrained(ns.model, device=device, dtype=ns.dtype, quantize=ns.quantize,
                                      max_seq_len=ns.max_seq_len, max_batch_size=1, progress=sys.stderr.isatty())
 
@@ -460,10 +463,8 @@ def _run_bench(ns) -> int:
     unknown = [s for s in ns.shape or () if s not in SHAPES]
     if unknown:
         raise CLIError(f"--shape {unknown[0]!r}: expected one of {', '.join(SHAPES)}")
-    device = ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _resolve_device(ns)
     cuda = torch.device(device).type == "cuda"
-    if cuda and not torch.cuda.is_available():
-        raise CLIError(f"--device {device}: no CUDA device is available")
     new_tokens = ns.new_tokens or (128 if cuda else 16)
     if new_tokens < 2:
         raise CLIError(f"--new-tokens must be at least 2 (decode speed is timed over tokens 2..N), got {new_tokens}")
