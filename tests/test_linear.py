@@ -55,6 +55,40 @@ def test_linear_int8_matches_reference(device, dtype, m, n, k, group):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k,group", [(1040, 0), (1024, 128), (1024, 256), (1040, 80)])
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_linear_int8_outliers_within_a_block(device, dtype, m, k, group):
+    """On CPU, 16-bit x meets int8 weights as int16 in 128-column blocks (one scale per block, csrc/cpu/linear.cpp):
+    one element 300x the others in every block must not cost the rest of the block their precision, and a
+    block of zeros must stay exact. K = 1040 with one group: 8 full blocks and a 16-column one; groups of 80
+    columns do not hold whole blocks (the fp32 route)."""
+    n = 96
+    x = torch.randn(m, k, device=device, dtype=dtype)
+    x[:, 5::128] *= 300
+    x[:, 256:384] = 0
+    w = torch.randn(n, k, device=device, dtype=dtype) / k ** 0.5
+    q, s = ops.quantize_int8(w, group)
+    out = ops.linear_int8(x, q, s)
+    assert_close_to_baseline(out, reference.linear_int8(x, q, s), reference.linear_int8(x.double(), q, s),
+                             floor=floor_for(dtype), name=f"linear_int8 outliers {dtype} {m}x{k} group {group}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_linear_int8_non_finite_x(device, dtype, bad):
+    """A NaN or inf in a row of x makes that row's outputs non-finite (torch gives NaN or +-inf) and leaves the
+    other rows as they were."""
+    x = torch.randn(2, 256, device=device, dtype=dtype)
+    w = torch.randn(24, 256, device=device, dtype=dtype) / 16
+    q, s = ops.quantize_int8(w, 128)
+    clean = ops.linear_int8(x, q, s)
+    x[1, 200] = bad
+    out = ops.linear_int8(x, q, s)
+    assert not torch.isfinite(out[1]).any()
+    torch.testing.assert_close(out[0], clean[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("group", [0, 128, 16, 3])
 def test_quantize_int8_matches_reference(device, dtype, group):
     n, k = 37, 384

@@ -3,11 +3,19 @@
 // for M <= 8 rows of `linear` (more rows go to at::matmul / oneDNN there) and for every M of `linear_int8`.
 //
 // The kernel is memory-bound: every weight row is read from memory once (per chunk of 8 activation rows) and
-// dotted with all M activation rows, which are converted to fp32 once up front and stay in L1/L2. R weight
-// rows are streamed together (R * M independent 8-lane fp32 accumulators, at most 8), rows of W are split over
-// threads with parallel_for. int8 weights are widened int8 -> int32 -> fp32 and multiplied by their group's
-// scale before the FMA (weight-only quantisation: activations stay float). Portable scalar fallback through
-// vec.h when the compiler does not target AVX2.
+// dotted with all M activation rows, which are converted once up front and stay in L1/L2. R weight rows are
+// streamed together (R * M independent 8-lane accumulators, at most 8), rows of W are split over threads.
+// Activations in fp32 for 16-bit and fp32 weights, and for int8 weights with fp32 activations: int8 is widened
+// int8 -> int32 -> fp32 and multiplied by its group's scale before the FMA.
+// int8 weights with 16-bit activations (AVX2, K a multiple of 16, groups of whole 128-column blocks): x is held
+// as int16 with one fp32 scale per 128-column block (max |x| / 32767), and each 16 weights cost one widening and
+// one vpmaddwd per activation row. The int -> float conversion had made the fp32 route compute-bound on this
+// 2-core Zen 3 (~1.3 cycles per 8 weights, one core could not keep up with its half of the memory bandwidth);
+// an L3-resident 2048 x 5632 matrix went from 20 to 35 G weights/s (benchmarks/RESULTS.md). Precision: x's
+// error is at most 2^-16 of its block's max |x| per element, below the 16-bit input's own rounding for every
+// element within a factor 2^7 (bf16) / 2^4 (fp16) of the block max, and far below the int8 weights' error
+// (2^-8 of the group max); fp32 activations keep the fp32 route. Portable scalar fallback through vec.h when
+// the compiler does not target AVX2.
 #include "codellama/linear.h"
 
 #include <algorithm>
@@ -59,15 +67,20 @@ inline void dot_rows(float* out, const W* w, const float* scales, int64_t K, int
     }
     const int64_t k1 = std::min(ke, (g + 1) * gs);
     int64_t k = std::max(kb, g * gs);
-    for (; k + 8 <= k1; k += 8) {
-      if (k % kLine == 0)
-        for (int r = 0; r < R; ++r) prefetch(next + r * K + k);
+    const auto step8 = [&](int64_t kk) {
       for (int r = 0; r < R; ++r) {
-        vec8 wv = wload8(w + r * K + k);
+        vec8 wv = wload8(w + r * K + kk);
         if constexpr (kScaled && !kDefer) wv = mul(wv, sv[r]);
-        for (int m = 0; m < M; ++m) acc[r][m] = fmadd(wv, load8(xf + m * K + k), acc[r][m]);
+        for (int m = 0; m < M; ++m) acc[r][m] = fmadd(wv, load8(xf + m * K + kk), acc[r][m]);
       }
+    };
+    // A cache line of each row per step, its prefetch unconditional: a test of k per 8 weights (and the
+    // registers it held) cost int8 a third of its in-cache speed, where the conversion makes it compute-bound.
+    for (; k + kLine <= k1; k += kLine) {
+      for (int r = 0; r < R; ++r) prefetch(next + r * K + k);
+      for (int64_t j = 0; j < kLine; j += 8) step8(k + j);
     }
+    for (; k + 8 <= k1; k += 8) step8(k);
     if constexpr (kDefer) {
       for (int r = 0; r < R; ++r)
         for (int m = 0; m < M; ++m) { tot[r][m] = fmadd(sv[r], acc[r][m], tot[r][m]); acc[r][m] = zero8(); }
@@ -83,12 +96,89 @@ inline void dot_rows(float* out, const W* w, const float* scales, int64_t K, int
     for (int m = 0; m < M; ++m) out[r * M + m] += hsum(kDefer ? tot[r][m] : acc[r][m]) + tail[r][m];
 }
 
+#ifdef CODELLAMA_AVX2
+// 16-bit activations against int8 weights (see the file comment): each row of x held as int16 in blocks of
+// kXBlock columns, x[m, k] ~= xq[m, k] * xs[m, k / kXBlock]. Integer products, exact: vpmaddwd adds pairs of
+// int8 * int16 products into int32 lanes (|sum| <= 128 / 8 * 2 * 127 * 32767 < 2^31 per block), converted to
+// fp32 once per block and scaled there by the block's x scale and the weight group's scale.
+constexpr int64_t kXBlock = 128;
+
+struct XInt16 {
+  const int16_t* q;  // [M, K]
+  const float* s;    // [M, nb], nb = ceil(K / kXBlock)
+  int64_t nb;
+};
+
+// Usable when K is a multiple of 16 (the step) and every x block lies in one weight group.
+inline bool int16_x_fits(int64_t K, int64_t G) { return K % 16 == 0 && (G == 1 || (K / G) % kXBlock == 0); }
+
+// xq / xs for one activation row: scale = max |x| / 32767 over each block (1 for an all-zero block), x / scale
+// rounded to nearest even. A NaN or inf in a block makes its scale NaN, so every output is NaN (the reference
+// gives NaN, or inf for an inf with no NaN: both are non-finite).
+template <typename T>
+void quantize_x_int16(int16_t* q, float* s, const T* x, int64_t K) {
+  for (int64_t b = 0; b * kXBlock < K; ++b) {
+    const int64_t k0 = b * kXBlock, k1 = std::min(K, k0 + kXBlock);
+    float amax = 0.f;
+    bool finite = true;
+    for (int64_t k = k0; k < k1; ++k) {
+      const float a = std::fabs(to_float(x[k]));
+      finite = finite && std::isfinite(a);
+      amax = std::max(amax, a);
+    }
+    const float sc = !finite ? NAN : amax > 0.f ? amax / 32767.f : 1.f;
+    s[b] = sc;
+    const vec8 inv = set1(1.f / sc);
+    for (int64_t k = k0; k < k1; k += 8) {
+      const __m256i v = _mm256_cvtps_epi32(mul(load8(x + k), inv));  // round to nearest even
+      const __m128i h = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), h);
+    }
+  }
+}
+
+template <int M, int R, bool kScaled>
+inline void dot_rows(float* out, const int8_t* w, const float* scales, int64_t K, int64_t G, const XInt16& x,
+                     int64_t kb, int64_t ke) {
+  static_assert(kScaled, "int16 activations are for int8 weights");
+  constexpr int64_t kLine = 64;
+  const int8_t* next = w + R * K;
+  const int64_t gs = K / G;
+  vec8 tot[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) tot[r][m] = zero8();
+  for (int64_t b = kb / kXBlock; b * kXBlock < ke; ++b) {
+    const int64_t k0 = b * kXBlock, k1 = std::min(ke, k0 + kXBlock);
+    __m256i acc[R][M];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_si256();
+    for (int64_t k = k0; k < k1; k += 16) {
+      if (k % kLine == 0)
+        for (int r = 0; r < R; ++r) prefetch(next + r * K + k);
+      for (int r = 0; r < R; ++r) {
+        const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * K + k)));
+        for (int m = 0; m < M; ++m) {
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + m * K + k));
+          acc[r][m] = _mm256_add_epi32(acc[r][m], _mm256_madd_epi16(wv, xv));
+        }
+      }
+    }
+    const int64_t g = G == 1 ? 0 : k0 / gs;
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m)
+        tot[r][m] = fmadd(_mm256_cvtepi32_ps(acc[r][m]), set1(scales[r * G + g] * x.s[m * x.nb + b]), tot[r][m]);
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) out[r * M + m] += hsum(tot[r][m]);
+}
+#endif
+
 // Rows [n0, n1) of y for M (compile-time) activation rows, in tiles of kTile weight rows. Few activation rows
 // (M <= 4): whole weight rows are streamed R at a time, x (M * K fp32) is small. More rows: the FMAs outnumber
 // the weight bytes and x would be re-read from L2 for every weight row, so K is cut into slices of 512
 // columns (M * 2 KiB of x, held in L1) and each slice is swept over the tile before the next one.
-template <int M, bool kScaled, typename W, typename T>
-void gemv_rows(T* y, int64_t ldy, const W* w, const float* scales, const float* xf, int64_t n0, int64_t n1,
+template <int M, bool kScaled, typename W, typename T, typename X>
+void gemv_rows(T* y, int64_t ldy, const W* w, const float* scales, const X& xf, int64_t n0, int64_t n1,
                int64_t K, int64_t G) {
   // R * M <= 8 accumulators (4 when the int8 scale is deferred, which doubles them).
   constexpr int R = kScaled ? (M == 1 ? 4 : M == 2 ? 2 : 1) : (M <= 2 ? 4 : M <= 4 ? 2 : 1);
@@ -114,8 +204,8 @@ void gemv_rows(T* y, int64_t ldy, const W* w, const float* scales, const float* 
   }
 }
 
-template <bool kScaled, typename W, typename T>
-void gemv_chunk(int mc, T* y, int64_t ldy, const W* w, const float* scales, const float* xf, int64_t n0,
+template <bool kScaled, typename W, typename T, typename X>
+void gemv_chunk(int mc, T* y, int64_t ldy, const W* w, const float* scales, const X& xf, int64_t n0,
                 int64_t n1, int64_t K, int64_t G) {
   switch (mc) {
     case 1: gemv_rows<1, kScaled>(y, ldy, w, scales, xf, n0, n1, K, G); break;
@@ -129,16 +219,45 @@ void gemv_chunk(int mc, T* y, int64_t ldy, const W* w, const float* scales, cons
   }
 }
 
-// The driver: activation rows in chunks of 8, each chunk converted to fp32 once, then W streamed over threads.
+// The driver: activation rows in chunks of 8, each chunk converted once (to fp32, or for int8 weights and
+// 16-bit activations to int16 blocks), then W streamed over threads.
 template <bool kScaled, typename W, typename T>
 void gemv(T* y, const T* x, int64_t x_stride, const W* w, const float* scales, int64_t M, int64_t N, int64_t K,
           int64_t G) {
   if (M <= 0 || N <= 0) return;
-  std::vector<float> buf(static_cast<size_t>(std::min<int64_t>(M, kGemvMaxRows) * K));
+  const int64_t mmax = std::min<int64_t>(M, kGemvMaxRows);
   // Blocks of rows of ~256 KiB of weights (a multiple of the 8-row tile): long runs of consecutive rows for the
   // prefetch in dot_rows (64 KiB blocks measured a few % slower), still dozens of blocks per matrix to balance.
   const int64_t block_rows =
       std::max<int64_t>(8, ((int64_t{1} << 18) / (K * static_cast<int64_t>(sizeof(W)))) & ~int64_t{7});
+  const int64_t blocks = (N + block_rows - 1) / block_rows;
+  const int threads = static_cast<int>(std::min<int64_t>(max_threads(), blocks));
+  const auto stream_w = [&](int mc, T* yc, const auto& xv) {
+    // Dynamic blocks of rows rather than one static chunk per thread: a thread slowed by another process on
+    // its core (shared machines) then takes fewer blocks instead of making the others wait for it.
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (threads > 1)
+#endif
+    for (int64_t b = 0; b < blocks; ++b) {
+      gemv_chunk<kScaled>(mc, yc, N, w, scales, xv, b * block_rows, std::min(N, (b + 1) * block_rows), K, G);
+    }
+  };
+#ifdef CODELLAMA_AVX2
+  if constexpr (kScaled && !std::is_same_v<T, float>) {
+    if (int16_x_fits(K, G)) {
+      const int64_t nb = (K + kXBlock - 1) / kXBlock;
+      std::vector<int16_t> xq(static_cast<size_t>(mmax * K));
+      std::vector<float> xs(static_cast<size_t>(mmax * nb));
+      for (int64_t m0 = 0; m0 < M; m0 += kGemvMaxRows) {
+        const int mc = static_cast<int>(std::min<int64_t>(kGemvMaxRows, M - m0));
+        for (int m = 0; m < mc; ++m) quantize_x_int16(xq.data() + m * K, xs.data() + m * nb, x + (m0 + m) * x_stride, K);
+        stream_w(mc, y + m0 * N, XInt16{xq.data(), xs.data(), nb});
+      }
+      return;
+    }
+  }
+#endif
+  std::vector<float> buf(static_cast<size_t>(mmax * K));
   for (int64_t m0 = 0; m0 < M; m0 += kGemvMaxRows) {
     const int mc = static_cast<int>(std::min<int64_t>(kGemvMaxRows, M - m0));
     for (int m = 0; m < mc; ++m) {
@@ -148,18 +267,7 @@ void gemv(T* y, const T* x, int64_t x_stride, const W* w, const float* scales, i
       for (; k + 8 <= K; k += 8) store8(xo + k, load8(xr + k));
       for (; k < K; ++k) xo[k] = to_float(xr[k]);
     }
-    const float* xf = buf.data();
-    T* yc = y + m0 * N;
-    // Dynamic blocks of rows rather than one static chunk per thread: a thread slowed by another process on
-    // its core (shared machines) then takes fewer blocks instead of making the others wait for it.
-    const int64_t blocks = (N + block_rows - 1) / block_rows;
-    const int threads = static_cast<int>(std::min<int64_t>(max_threads(), blocks));
-#ifdef _OPENMP
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (threads > 1)
-#endif
-    for (int64_t b = 0; b < blocks; ++b) {
-      gemv_chunk<kScaled>(mc, yc, N, w, scales, xf, b * block_rows, std::min(N, (b + 1) * block_rows), K, G);
-    }
+    stream_w(mc, y + m0 * N, static_cast<const float*>(buf.data()));
   }
 }
 

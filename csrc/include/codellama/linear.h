@@ -5,6 +5,9 @@
 //   linear_int8:   y[m, n] = round( sum_g s[n, g] * sum_{k in g} x[m, k] * q[n, k] )  (fp32 accumulation)
 // `round` is one rounding to the activation dtype at the end (identity for fp32): the order of
 // torch.nn.functional.linear on x.float(), w.float() (codellama_ext/reference.py), up to summation order.
+// One exception, CPU linear_int8 with bf16/fp16 x (AVX2 builds, K % 16 == 0, group_size 0 or a multiple of
+// 128): x[m, k] is first rounded to int16 steps of max|x| / 32767 over its 128-column block, an error below the
+// input dtype's own rounding for all but the block's smallest elements (csrc/cpu/linear.cpp).
 // Groups: g(k) = k / group_size; group_size 0 means one group per row (G = 1). G = K / group_size.
 //
 // Dispatch rule (python/ops/linear.cpp): M = number of rows of x (x.numel() / K).
@@ -39,7 +42,8 @@ void linear_gemv(DType dt, void* y, const void* x, int64_t x_stride, const void*
 void quantize_int8(DType dt, int8_t* q, float* scales, const void* w, int64_t N, int64_t K, int64_t group_size);
 
 // y [M, N] contiguous in dtype dt; x [M, K] rows of stride x_stride; q int8 [N, K]; scales float32 [N, G],
-// G dividing K. Weight-only: activations stay float, q converted int8 -> fp32 and FMA'd (AVX2 when built for it).
+// G dividing K. Weight-only: no activation is stored quantised; 16-bit x is held as int16 blocks inside the
+// kernel (see the exception above), fp32 x stays fp32.
 void linear_int8(DType dt, void* y, const void* x, int64_t x_stride, const int8_t* q, const float* scales,
                  int64_t M, int64_t N, int64_t K, int64_t G);
 
