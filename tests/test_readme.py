@@ -63,6 +63,16 @@ def test_readme_has_the_two_command_quick_start():
     assert "python -m pytest -q tests" in (ROOT / ".ci" / "run").read_text()
 
 
+def test_quick_start_prints_what_readme_says(scratch):
+    """The quick start's main job on the shipped default model: README says it fills the main guard's call."""
+    d, env = scratch
+    main_job = blocks("bash")[0].splitlines()[0].split(" && ", 1)[1]
+    run = subprocess.run(["bash", "-c", main_job], cwd=d, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.endswith('if __name__ == "__main__":\n    unittest.main()\n'), run.stdout
+    assert "`unittest.main()` under the main guard" in README
+
+
 def test_shell_commands(scratch):
     d, env = scratch
     lines = shell_lines()

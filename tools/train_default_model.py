@@ -626,7 +626,8 @@ def write_card(out: Path, meta: dict, info: dict, model, r: dict, examples) -> N
         infill = (f"Infilling: rarely exact ({em:.1%} of held-out lines, baseline {base:.1%}). Its middles "
                   "mostly have the right shape (indentation, a statement that fits the names around the gap) and "
                   "are wrong in the details; some do not stop at the end of the line. On short prompts unlike "
-                  "the standard library (README's quick start) it tends to copy the suffix into the gap and run on.")
+                  "the standard library it tends to copy the suffix into the gap and run on; idioms the standard "
+                  "library repeats it does fill (README's quick start: `unittest.main()` under a main guard).")
     else:
         infill = (f"Infilling: not useful yet, {em:.0%} exact on held-out lines, no better "
                   "than the baseline; greedy output soon repeats itself.")
