@@ -75,7 +75,7 @@ inline void dot_rows(float* out, const W* w, const float* scales, int64_t K, int
       }
     };
     // A cache line of each row per step, its prefetch unconditional: a test of k per 8 weights (and the
-    // registers it held) cost int8 a third of its in-cache speed, where the conversion makes it compute-bound.
+    // registers it held) cost the int8 fp32 route 13-15% of its in-cache speed (medians, benchmarks/RESULTS.md).
     for (; k + kLine <= k1; k += kLine) {
       for (int r = 0; r < R; ++r) prefetch(next + r * K + k);
       for (int64_t j = 0; j < kLine; j += 8) step8(k + j);
@@ -153,7 +153,7 @@ inline void dot_rows(float* out, const int8_t* w, const float* scales, int64_t K
     for (int r = 0; r < R; ++r)
       for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_si256();
     for (int64_t k = k0; k < k1; k += 16) {
-      if (k % kLine == 0)
+      if (k % kLine == 0)  // per step here: prefetching both lines at the block start measured slower
         for (int r = 0; r < R; ++r) prefetch(next + r * K + k);
       for (int r = 0; r < R; ++r) {
         const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * K + k)));

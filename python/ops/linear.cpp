@@ -29,7 +29,8 @@ namespace {
 
 // CPU, int8 weights or 16-bit ones without a native matmul: above this many rows the fp32-block GEMM beats our
 // GEMV (2-core EPYC, 4096 -> 11008, GEMV vs blocks: 16 rows bf16 20 vs 34 ms; 32 rows int8 54-56 vs 61 ms;
-// 64 rows int8 102 vs 63-68 ms; benchmarks/RESULTS.md).
+// 64 rows int8 102 vs 63-68 ms; benchmarks/RESULTS.md). The int8 pairs predate the int16-activation GEMV
+// (session 4, ~1.4x faster at 8 rows), which may move the int8 crossover up: not re-measured.
 constexpr int64_t kCpuGemvMaxRows = 32;
 
 // Whether this CPU multiplies dt natively (x86: AVX512-BF16 / AMX-BF16, AVX512-FP16 / AMX-FP16, from cpuid;
