@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
+#include "codellama/linear.h"
 #include "ops/ops.h"
 
 TORCH_LIBRARY(codellama, m) {
@@ -76,4 +77,7 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("with_cuda") = false;
 #endif
+  // CPU GEMV / fp32-block GEMM crossovers (codellama/linear.h), for the tests and tools/bench_gemv_crossover.py
+  m.attr("cpu_gemv_max_rows") = codellama::kCpuGemvMaxRows;
+  m.attr("cpu_int8_gemv_max_rows") = codellama::kCpuInt8GemvMaxRows;
 }

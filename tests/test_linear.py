@@ -1,16 +1,22 @@
 """linear, quantize_int8 and linear_int8 against codellama_ext.reference, on every device.
 
 Few rows run our GEMV kernels, more a GEMM path (at::matmul; on CPU fp32 sgemm on converted blocks of W for int8
-and, without native bf16/fp16 matmul, 16-bit weights): the row sweep covers both sides of each threshold (8 and
-32, python/ops/linear.cpp)."""
+and, without native bf16/fp16 matmul, 16-bit weights): the row sweep covers both sides of each threshold (8, and
+on CPU _C.cpu_gemv_max_rows / _C.cpu_int8_gemv_max_rows; codellama/linear.h)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from codellama_ext import ops, reference
+from codellama_ext import _C, ops, reference
 from conftest import DTYPES, assert_close_to_baseline
 
-ROWS = [1, 2, 5, 8, 9, 32, 33]
+ROWS = sorted({1, 2, 5, 8, 9, _C.cpu_gemv_max_rows, _C.cpu_gemv_max_rows + 1, _C.cpu_int8_gemv_max_rows,
+               _C.cpu_int8_gemv_max_rows + 1})
 # (N, K): odd tails, a CodeLlama-7B width (4096), the FFN width 11008 on either side (down_proj-like K, and N).
 SHAPES = [(11, 64), (127, 129), (256, 4096), (512, 11008), (11008, 128)]
 
@@ -214,3 +220,19 @@ def test_linear_opcheck(m):
     torch.library.opcheck(torch.ops.codellama.quantize_int8.default, (w, 8))
     q, s = ops.quantize_int8(w, 8)
     torch.library.opcheck(torch.ops.codellama.linear_int8.default, (x, q, s))
+
+
+@pytest.mark.parametrize("weights", ["int8", "bf16"])
+def test_gemv_crossover_tool_runs(weights):
+    """tools/bench_gemv_crossover.py (the thresholds' measurement) on a tiny shape, so it cannot rot."""
+    root = Path(__file__).resolve().parent.parent
+    limit = _C.cpu_int8_gemv_max_rows if weights == "int8" else _C.cpu_gemv_max_rows
+    run = subprocess.run([sys.executable, str(root / "tools" / "bench_gemv_crossover.py"), "--weights", weights,
+                          "--shape", "64", "48", "--rows", "1", str(limit + 2), "--rounds", "1"],
+                         capture_output=True, text=True, timeout=300,
+                         env=os.environ | {"PYTHONPATH": str(root)})
+    assert run.returncode == 0, run.stderr
+    assert f"shipped threshold {limit} rows" in run.stdout
+    rows = [line.split("|")[1].strip() for line in run.stdout.splitlines() if line.startswith("| ") and
+            line.split("|")[1].strip().isdigit()]
+    assert rows == ["1", str(limit + 2)]

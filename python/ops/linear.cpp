@@ -8,8 +8,9 @@
 //                     cuBLAS at M = 1 (83-85% of HBM bandwidth) and reached 0.62x cuBLAS at M = 8.
 //   Exception, CPU: int8 weights, and 16-bit ones where the CPU has no native bf16 / fp16 matmul (no
 //                     AVX512-BF16 / AVX512-FP16 / AMX; e.g. the 2-core AVX2 EPYC of benchmarks/RESULTS.md), use
-//                     our GEMV up to kCpuGemvMaxRows (32) rows (8 rows per pass over W); above, W is converted to
-//                     fp32 a block of rows at a time and multiplied by fp32 sgemm (cpu_gemm_fp32_blocks below).
+//                     our GEMV (8 rows per pass over W) up to kCpuGemvMaxRows (48) rows, kCpuInt8GemvMaxRows (64)
+//                     for int8; above, W is converted to fp32 a block of rows at a time and multiplied by fp32
+//                     sgemm (cpu_gemm_fp32_blocks below).
 //                     There oneDNN's bf16 matmul measured 5.3x slower than that at M = 128.
 // Every path accumulates in fp32 and rounds once to x's dtype (cuBLAS/oneDNN reduced-precision GEMMs
 // accumulate in fp32 by default).
@@ -26,12 +27,6 @@
 
 namespace codellama::bind {
 namespace {
-
-// CPU, int8 weights or 16-bit ones without a native matmul: above this many rows the fp32-block GEMM beats our
-// GEMV (2-core EPYC, 4096 -> 11008, GEMV vs blocks: 16 rows bf16 20 vs 34 ms; 32 rows int8 54-56 vs 61 ms;
-// 64 rows int8 102 vs 63-68 ms; benchmarks/RESULTS.md). The int8 pairs predate the int16-activation GEMV
-// (session 4, ~1.4x faster at 8 rows), which may move the int8 crossover up: not re-measured.
-constexpr int64_t kCpuGemvMaxRows = 32;
 
 // Whether this CPU multiplies dt natively (x86: AVX512-BF16 / AMX-BF16, AVX512-FP16 / AMX-FP16, from cpuid;
 // torch 2.14 no longer exports its own checks). Other architectures: assumed native, at::matmul decides.
@@ -185,7 +180,7 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qweight, const at:
 #endif
     return at::matmul(x2, w.t()).view(out_shape(x, N));
   }
-  if (M > kCpuGemvMaxRows && !x.is_cuda()) {
+  if (M > kCpuInt8GemvMaxRows && !x.is_cuda()) {
     const int8_t* q = qweight.data_ptr<int8_t>();
     const float* s = scales.data_ptr<float>();
     return cpu_gemm_fp32_blocks(x2, N, [&](at::Tensor& w, int64_t n0, int64_t n) {

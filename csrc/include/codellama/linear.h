@@ -16,9 +16,10 @@
 //   M >  kGemvMaxRows:     a GEMM from the binding layer: at::matmul (cuBLAS tensor cores / oneDNN); for int8
 //                          the weights are first dequantised to the activation dtype (dequantize_int8 below).
 //                          Exceptions: on CPU, int8 weights, and 16-bit ones where the CPU has no native
-//                          bf16/fp16 matmul, use the GEMV up to 32 rows and above it fp32 sgemm on blocks of W
-//                          converted to fp32; unquantised weights on CUDA use the GEMV for
-//                          M <= kCudaGemvMaxRows (1) only. The binding (python/ops/linear.cpp) has the details.
+//                          bf16/fp16 matmul, use the GEMV up to kCpuGemvMaxRows (48) rows (int8:
+//                          kCpuInt8GemvMaxRows, 64) and above it fp32 sgemm on blocks of W converted to fp32;
+//                          unquantised weights on CUDA use the GEMV for M <= kCudaGemvMaxRows (1) only. The
+//                          binding (python/ops/linear.cpp) has the details.
 // The GEMV kernels accept any M (the CPU ones process rows in chunks of 8), but are tuned for M <= 8.
 #pragma once
 
@@ -32,6 +33,14 @@ namespace codellama {
 constexpr int64_t kGemvMaxRows = 8;
 // CUDA, unquantised weights: above one row cuBLAS beats our GEMV (H200: 0.62x at 8 rows; benchmarks/RESULTS.md).
 constexpr int64_t kCudaGemvMaxRows = 1;
+// CPU, 16-bit weights without a native matmul / int8 weights: above this many rows the fp32-block GEMM beats our
+// GEMV. 2-core EPYC, bf16 x, medians of GEMV / blocks time ratios (tools/bench_gemv_crossover.py,
+// benchmarks/RESULTS.md):
+// bf16 W 4096 -> 11008: 0.61 at 32 rows, 0.80 at 48, 0.91-1.13 at 64; 2048 -> 5632: 0.63 / 0.86 at 32 / 64 rows.
+// int8 W (group 128, int16-activation GEMV) 4096 -> 11008: 0.75-0.81 at 64, 1.04-1.06 at 96-128;
+// 2048 -> 5632: 0.75 at 64, 0.91 at 96, 1.02 at 128.
+constexpr int64_t kCpuGemvMaxRows = 48;
+constexpr int64_t kCpuInt8GemvMaxRows = 64;
 
 namespace cpu {
 // y [M, N] contiguous; x [M, K] rows of stride x_stride (elements), last dim contiguous; w [N, K] contiguous.
