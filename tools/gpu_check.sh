@@ -3,7 +3,8 @@
 # test case, then the kernel benchmarks. Each stage has its own time limit so a hang in one still leaves
 # the others' results; tests run in pytest-xdist workers so a crash fails one test, not the run. Logs land
 # in $OUT (the device tool's folder) or build/gpu-check.
-#   bash tools/gpu_check.sh            # stages: env, build, tests, bench
+#   bash tools/gpu_check.sh            # stages: env, build, tests, bench, generation bench (GEN_S=0 skips it)
+# The generation bench writes a random 7B-shaped checkpoint (13.5 GB fp16) into $GEN_WORKDIR (default /tmp/bg).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/build/gpu-check}"
@@ -38,3 +39,11 @@ echo "tests took $(( $(date +%s) - start )) s"
 start=$(date +%s)
 timeout "${BENCH_S:-120}" "$PY" tools/bench_kernels.py --device cuda 2>&1 | tee "$OUT/bench.log"
 echo "bench took $(( $(date +%s) - start )) s"
+
+if [ "${GEN_S:-240}" -gt 0 ]; then
+  start=$(date +%s)
+  mkdir -p "${GEN_WORKDIR:-/tmp/bg}"
+  timeout "${GEN_S:-240}" "$PY" tools/bench_generate.py --device cuda --shape ${GEN_SHAPES:-7b} --batch 1 8 \
+    --new-tokens 64 --prefill 128 2048 --workdir "${GEN_WORKDIR:-/tmp/bg}" 2>&1 | tee "$OUT/bench_generate.log"
+  echo "generation bench took $(( $(date +%s) - start )) s"
+fi
