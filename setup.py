@@ -126,7 +126,7 @@ setup(
     package_data={"codellama_ext": ["default_model/*"]},
     ext_modules=[ext],
     cmdclass={"build_ext": build_ext},
-    python_requires=">=3.9",
+    python_requires=">=3.10",  # torch 2.13 / 2.14 need 3.10
     install_requires=["torch>=2.4", "numpy", "sentencepiece", "safetensors"],
     extras_require={"test": ["pytest", "hypothesis", "transformers==4.57.6", "protobuf"]},
     entry_points={"console_scripts": ["codellama-ext=codellama_ext.cli:main"]},
