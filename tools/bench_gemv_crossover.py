@@ -3,9 +3,9 @@
 `linear` / `linear_int8` on CPU run our GEMV up to a number of rows (_C.cpu_gemv_max_rows for 16-bit weights
 without a native matmul, _C.cpu_int8_gemv_max_rows for int8) and the fp32-block GEMM above it
 (codellama/linear.h; 16-bit weights only on CPUs without AVX512-BF16 / AMX, elsewhere oneDNN takes them above
-8 rows and this comparison does not apply). This measures both paths at each row count M, so the thresholds can be re-checked on
-another CPU: GEMV at M rows is M rows fed in calls of at most the threshold; blocks at M <= threshold are timed at
-threshold + 1 rows (their cost hardly moves with M there; the table says so with a `*`). The two alternate for
+8 rows and this comparison does not apply). This measures both paths at each row count M, so the thresholds can
+be re-checked on another CPU: GEMV at M rows is M rows fed in calls of at most the threshold; blocks at
+M <= threshold are timed at threshold + 1 rows (their cost hardly moves with M there; marked `*`). The two alternate for
 --rounds rounds (this machine's speed drifts minute to minute); each round keeps the best of 3 calls; medians.
 
     PYTHONPATH=. python tools/bench_gemv_crossover.py --weights int8 --shape 4096 11008 --rows 32 64 96 128
