@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <vector>
 
 #include "vec.h"
@@ -40,8 +41,36 @@ template <typename T> inline vec8 wload8(const T* p) { return load8(p); }
 inline float wload1(const int8_t* p) { return static_cast<float>(*p); }
 template <typename T> inline float wload1(const T* p) { return to_float(*p); }
 
-// out[r * M + m] += sum_{k in [kb, ke)} s[r, g(k)] * xf[m * K + k] * w_r[k] for R consecutive rows of w (row
-// stride K; s = 1 without kScaled). xf holds the M activation rows in fp32, contiguous. With few accumulators
+// The M activation rows of a call, converted once, each row starting on a cache line and rows ld elements apart.
+// x is loaded once per 8 or 16 weights per row, and a 32-byte load that straddles two lines costs two: from
+// malloc's 16-byte alignment to 64, the M = 8 bf16 loop on L1-resident data went from 42-49 to 70 GFLOP/s
+// (benchmarks/RESULTS.md). ld is K rounded up to a line plus one line: rows a multiple of 4 KiB apart put the same
+// columns of all M rows in one L1 set (8 rows one line apart: 0.86-0.94x the time).
+template <typename E>
+class XRows {
+ public:
+  XRows(int64_t rows, int64_t K) : ld_((K + kLine - 1) / kLine * kLine + kLine), mem_(rows * ld_ + kLine) {
+    const auto addr = reinterpret_cast<std::uintptr_t>(mem_.data());
+    data_ = mem_.data() + (-addr & 63) / sizeof(E);
+  }
+  E* row(int64_t m) { return data_ + m * ld_; }
+  const E* data() const { return data_; }
+  int64_t ld() const { return ld_; }
+
+ private:
+  static constexpr int64_t kLine = 64 / sizeof(E);
+  int64_t ld_;
+  std::vector<E> mem_;
+  E* data_;
+};
+
+struct XFloat {  // activation rows in fp32: x[m, k] = f[m * ld + k]
+  const float* f;
+  int64_t ld;
+};
+
+// out[r * M + m] += sum_{k in [kb, ke)} s[r, g(k)] * x[m, k] * w_r[k] for R consecutive rows of w (row stride
+// K; s = 1 without kScaled), x the M activation rows in fp32. With few accumulators
 // (R * M <= 4) the scale is applied once per group to the group's partial sums (kDefer); otherwise each
 // 8-weight vector is scaled before the FMAs (one multiply shared by the M rows, keeps registers free).
 // While streaming these R rows it prefetches the same columns of the next R rows: rows are short streams (2-11
@@ -49,7 +78,7 @@ template <typename T> inline float wload1(const T* p) { return to_float(*p); }
 // to ~85 ms (bf16) and from ~75 to ~57 ms (int8) with it (benchmarks/RESULTS.md); prefetching further ahead
 // (2R rows) or streaming 8 rows at once measured slower.
 template <int M, int R, bool kScaled, typename W>
-inline void dot_rows(float* out, const W* w, const float* scales, int64_t K, int64_t G, const float* xf,
+inline void dot_rows(float* out, const W* w, const float* scales, int64_t K, int64_t G, const XFloat& x,
                      int64_t kb, int64_t ke) {
   constexpr bool kDefer = kScaled && R * M <= 4;
   constexpr int64_t kLine = 64 / sizeof(W);  // weights per cache line
@@ -72,7 +101,7 @@ inline void dot_rows(float* out, const W* w, const float* scales, int64_t K, int
       for (int r = 0; r < R; ++r) {
         vec8 wv = wload8(w + r * K + kk);
         if constexpr (kScaled && !kDefer) wv = mul(wv, sv[r]);
-        for (int m = 0; m < M; ++m) acc[r][m] = fmadd(wv, load8(xf + m * K + kk), acc[r][m]);
+        for (int m = 0; m < M; ++m) acc[r][m] = fmadd(wv, load8(x.f + m * x.ld + kk), acc[r][m]);
       }
     };
     // A cache line of each row per step, its prefetch unconditional: a test of k per 8 weights (and the
@@ -89,7 +118,7 @@ inline void dot_rows(float* out, const W* w, const float* scales, int64_t K, int
     for (; k < k1; ++k) {
       for (int r = 0; r < R; ++r) {
         const float wf = kScaled ? wload1(w + r * K + k) * s[r] : wload1(w + r * K + k);
-        for (int m = 0; m < M; ++m) tail[r][m] += wf * xf[m * K + k];
+        for (int m = 0; m < M; ++m) tail[r][m] += wf * x.f[m * x.ld + k];
       }
     }
   }
@@ -105,7 +134,8 @@ inline void dot_rows(float* out, const W* w, const float* scales, int64_t K, int
 constexpr int64_t kXBlock = 128;
 
 struct XInt16 {
-  const int16_t* q;  // [M, K]
+  const int16_t* q;  // [M, K] rows ld apart
+  int64_t ld;
   const float* s;    // [M, nb], nb = ceil(K / kXBlock)
   int64_t nb;
 };
@@ -159,7 +189,7 @@ inline void dot_rows(float* out, const int8_t* w, const float* scales, int64_t K
       for (int r = 0; r < R; ++r) {
         const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * K + k)));
         for (int m = 0; m < M; ++m) {
-          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + m * K + k));
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + m * x.ld + k));
           acc[r][m] = _mm256_add_epi32(acc[r][m], _mm256_madd_epi16(wv, xv));
         }
       }
@@ -212,11 +242,11 @@ inline float dot_row_seq(const int8_t* w, const float* scales, int64_t K, int64_
 // the weight bytes and x would be re-read from L2 for every weight row, so K is cut into slices of 512
 // columns (M * 2 KiB of x, held in L1) and each slice is swept over the tile before the next one.
 template <int M, bool kScaled, typename W, typename T, typename X>
-void gemv_rows(T* y, int64_t ldy, const W* w, const float* scales, const X& xf, int64_t n0, int64_t n1,
+void gemv_rows(T* y, int64_t ldy, const W* w, const float* scales, const X& x, int64_t n0, int64_t n1,
                int64_t K, int64_t G) {
 #ifdef CODELLAMA_AVX2
   if constexpr (M == 1 && std::is_same_v<X, XInt16>) {
-    for (int64_t n = n0; n < n1; ++n) y[n] = from_float<T>(dot_row_seq(w + n * K, scales + n * G, K, G, xf));
+    for (int64_t n = n0; n < n1; ++n) y[n] = from_float<T>(dot_row_seq(w + n * K, scales + n * G, K, G, x));
     return;
   }
 #endif
@@ -231,11 +261,11 @@ void gemv_rows(T* y, int64_t ldy, const W* w, const float* scales, const X& xf, 
       const int64_t ke = std::min(K, kb + kslice);
       int r = 0;
       for (; r + R <= rows; r += R) {
-        dot_rows<M, R, kScaled>(out + r * M, w + (n + r) * K, kScaled ? scales + (n + r) * G : nullptr, K, G, xf,
+        dot_rows<M, R, kScaled>(out + r * M, w + (n + r) * K, kScaled ? scales + (n + r) * G : nullptr, K, G, x,
                                 kb, ke);
       }
       for (; r < rows; ++r) {
-        dot_rows<M, 1, kScaled>(out + r * M, w + (n + r) * K, kScaled ? scales + (n + r) * G : nullptr, K, G, xf,
+        dot_rows<M, 1, kScaled>(out + r * M, w + (n + r) * K, kScaled ? scales + (n + r) * G : nullptr, K, G, x,
                                 kb, ke);
       }
     }
@@ -245,17 +275,17 @@ void gemv_rows(T* y, int64_t ldy, const W* w, const float* scales, const X& xf, 
 }
 
 template <bool kScaled, typename W, typename T, typename X>
-void gemv_chunk(int mc, T* y, int64_t ldy, const W* w, const float* scales, const X& xf, int64_t n0,
+void gemv_chunk(int mc, T* y, int64_t ldy, const W* w, const float* scales, const X& x, int64_t n0,
                 int64_t n1, int64_t K, int64_t G) {
   switch (mc) {
-    case 1: gemv_rows<1, kScaled>(y, ldy, w, scales, xf, n0, n1, K, G); break;
-    case 2: gemv_rows<2, kScaled>(y, ldy, w, scales, xf, n0, n1, K, G); break;
-    case 3: gemv_rows<3, kScaled>(y, ldy, w, scales, xf, n0, n1, K, G); break;
-    case 4: gemv_rows<4, kScaled>(y, ldy, w, scales, xf, n0, n1, K, G); break;
-    case 5: gemv_rows<5, kScaled>(y, ldy, w, scales, xf, n0, n1, K, G); break;
-    case 6: gemv_rows<6, kScaled>(y, ldy, w, scales, xf, n0, n1, K, G); break;
-    case 7: gemv_rows<7, kScaled>(y, ldy, w, scales, xf, n0, n1, K, G); break;
-    default: gemv_rows<8, kScaled>(y, ldy, w, scales, xf, n0, n1, K, G); break;
+    case 1: gemv_rows<1, kScaled>(y, ldy, w, scales, x, n0, n1, K, G); break;
+    case 2: gemv_rows<2, kScaled>(y, ldy, w, scales, x, n0, n1, K, G); break;
+    case 3: gemv_rows<3, kScaled>(y, ldy, w, scales, x, n0, n1, K, G); break;
+    case 4: gemv_rows<4, kScaled>(y, ldy, w, scales, x, n0, n1, K, G); break;
+    case 5: gemv_rows<5, kScaled>(y, ldy, w, scales, x, n0, n1, K, G); break;
+    case 6: gemv_rows<6, kScaled>(y, ldy, w, scales, x, n0, n1, K, G); break;
+    case 7: gemv_rows<7, kScaled>(y, ldy, w, scales, x, n0, n1, K, G); break;
+    default: gemv_rows<8, kScaled>(y, ldy, w, scales, x, n0, n1, K, G); break;
   }
 }
 
@@ -286,28 +316,28 @@ void gemv(T* y, const T* x, int64_t x_stride, const W* w, const float* scales, i
   if constexpr (kScaled && !std::is_same_v<T, float>) {
     if (int16_x_fits(K, G)) {
       const int64_t nb = (K + kXBlock - 1) / kXBlock;
-      std::vector<int16_t> xq(static_cast<size_t>(mmax * K));
+      XRows<int16_t> xq(mmax, K);
       std::vector<float> xs(static_cast<size_t>(mmax * nb));
       for (int64_t m0 = 0; m0 < M; m0 += kGemvMaxRows) {
         const int mc = static_cast<int>(std::min<int64_t>(kGemvMaxRows, M - m0));
-        for (int m = 0; m < mc; ++m) quantize_x_int16(xq.data() + m * K, xs.data() + m * nb, x + (m0 + m) * x_stride, K);
-        stream_w(mc, y + m0 * N, XInt16{xq.data(), xs.data(), nb});
+        for (int m = 0; m < mc; ++m) quantize_x_int16(xq.row(m), xs.data() + m * nb, x + (m0 + m) * x_stride, K);
+        stream_w(mc, y + m0 * N, XInt16{xq.data(), xq.ld(), xs.data(), nb});
       }
       return;
     }
   }
 #endif
-  std::vector<float> buf(static_cast<size_t>(mmax * K));
+  XRows<float> xf(mmax, K);
   for (int64_t m0 = 0; m0 < M; m0 += kGemvMaxRows) {
     const int mc = static_cast<int>(std::min<int64_t>(kGemvMaxRows, M - m0));
     for (int m = 0; m < mc; ++m) {
       const T* xr = x + (m0 + m) * x_stride;
-      float* xo = buf.data() + m * K;
+      float* xo = xf.row(m);
       int64_t k = 0;
       for (; k + 8 <= K; k += 8) store8(xo + k, load8(xr + k));
       for (; k < K; ++k) xo[k] = to_float(xr[k]);
     }
-    stream_w(mc, y + m0 * N, static_cast<const float*>(buf.data()));
+    stream_w(mc, y + m0 * N, XFloat{xf.data(), xf.ld()});
   }
 }
 
