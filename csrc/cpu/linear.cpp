@@ -206,9 +206,10 @@ inline void dot_rows(float* out, const int8_t* w, const float* scales, int64_t K
 // The same dot for one activation row (decode at batch 1), one weight row at a time from its first column to its
 // last, so a thread's block of rows (contiguous in W) is read as one sequential stream, with a prefetch
 // kSeqPrefetch bytes ahead. Out of DRAM (a 1.1B-shaped model's linears in decode order, 1.04 GB) this read int8 at
-// 0.90-0.99x the time of the 4-row interleave above in six paired runs (22-25 GB/s against a plain read's 28-31),
-// best at 4 KiB ahead (1 KiB: 0.99-1.00, 2-3 KiB: 0.93-0.97, 16-32 KiB: 0.99-1.01); 16-bit weights measured
-// 1.04-1.27x slower this way (benchmarks/RESULTS.md), so they keep the interleave.
+// 0.90-0.99x the time of the 4-row interleave above in seven paired runs (22-25 GB/s against a plain read's
+// 28-31), best at 4 KiB ahead (1 KiB: 0.99-1.00, 2-3 KiB: 0.93-0.97, 16-32 KiB: 0.99-1.01); 16-bit weights
+// measured 1.04-1.27x slower this way (benchmarks/RESULTS.md), so they keep the interleave. The loop is short on
+// purpose: a test of a global per cache line in it made it 1.06-1.10x slower than the interleave.
 constexpr int64_t kSeqPrefetch = 4096;
 
 inline float dot_row_seq(const int8_t* w, const float* scales, int64_t K, int64_t G, const XInt16& x) {
