@@ -240,8 +240,10 @@ inline float dot_row_seq(const int8_t* w, const float* scales, int64_t K, int64_
 
 // Rows [n0, n1) of y for M (compile-time) activation rows, in tiles of kTile weight rows. Few activation rows
 // (M <= 4): whole weight rows are streamed R at a time, x (M * K fp32) is small. More rows: the FMAs outnumber
-// the weight bytes and x would be re-read from L2 for every weight row, so K is cut into slices of 512
-// columns (M * 2 KiB of x, held in L1) and each slice is swept over the tile before the next one.
+// the weight bytes and x would be re-read from L2 for every weight row, so K is cut into slices (held in L1)
+// and each slice is swept over the tile before the next one: 512 columns of fp32 x (M * 2 KiB), 2048 of int16 x
+// (M * 4 KiB; against 512: 0.83-0.97x the time at 6 and 8 rows, 1024: 0.90-0.99x, 4096: 0.84-0.97x, in paired
+// runs, benchmarks/RESULTS.md; fp32 x measured 1.05-1.18x slower at 2048).
 template <int M, bool kScaled, typename W, typename T, typename X>
 void gemv_rows(T* y, int64_t ldy, const W* w, const float* scales, const X& x, int64_t n0, int64_t n1,
                int64_t K, int64_t G) {
@@ -254,7 +256,7 @@ void gemv_rows(T* y, int64_t ldy, const W* w, const float* scales, const X& x, i
   // R * M <= 8 accumulators (4 when the int8 scale is deferred, which doubles them).
   constexpr int R = kScaled ? (M == 1 ? 4 : M == 2 ? 2 : 1) : (M <= 2 ? 4 : M <= 4 ? 2 : 1);
   constexpr int kTile = 8;
-  const int64_t kslice = M <= 4 ? K : 512;
+  const int64_t kslice = M <= 4 ? K : std::is_same_v<X, XFloat> ? 512 : 2048;  // multiples of kXBlock
   for (int64_t n = n0; n < n1; n += kTile) {
     const int rows = static_cast<int>(std::min<int64_t>(kTile, n1 - n));
     float out[kTile * M] = {};
