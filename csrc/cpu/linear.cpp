@@ -45,7 +45,7 @@ template <typename T> inline float wload1(const T* p) { return to_float(*p); }
 // x is loaded once per 8 or 16 weights per row, and a 32-byte load that straddles two lines costs two: from
 // malloc's 16-byte alignment to 64, the M = 8 bf16 loop on L1-resident data went from 42-49 to 70 GFLOP/s
 // (benchmarks/RESULTS.md). ld is K rounded up to a line plus one line: rows a multiple of 4 KiB apart put the same
-// columns of all M rows in one L1 set (8 rows one line apart: 0.86-0.94x the time).
+// columns of all M rows in one L1 set (the padding alone, at 8 rows: 0.82-0.94x the time).
 template <typename E>
 class XRows {
  public:
