@@ -254,9 +254,7 @@ class Transformer(nn.Module):
             else:
                 h, residual = ops.fused_add_rms_norm(x, residual, blk.attention_norm, a.norm_eps)
             qkv = blk.wqkv(h).view(N, Hq + 2 * Hkv, hd)
-            q = qkv[:, :Hq].contiguous()
-            k = qkv[:, Hq:Hq + Hkv].contiguous()
-            v = qkv[:, Hq + Hkv:].contiguous()
+            q, k, v = qkv[:, :Hq], qkv[:, Hq:Hq + Hkv], qkv[:, Hq + Hkv:]  # strided views: the ops take them
             ops.rotary_embedding(q, k, pos, a.rope_theta, self.interleaved)
             kc, vc = k_cache[i], v_cache[i]
             ops.kv_cache_append(k, v, kc, vc, tok_slots, pos)
@@ -360,6 +358,6 @@ def estimate_memory(args: ModelArgs, dtype: torch.dtype = torch.float16, context
     weights = lin + (V * D + (2 * L + 1) * D) * elt
     kv = 2 * L * batch * context * args.n_kv_heads * args.head_dim * elt
     t = batch * (prefill_chunk or context)
-    # residual, normed x, qkv (+ q/k/v copies), attention out, 2F gate/up + F activation, logits in dtype + fp32
-    work = t * (3 * D + 2 * args.qkv_rows + D + 3 * F) * elt + t * V * (elt + 4)
+    # residual, normed x, qkv, attention out, 2F gate/up + F activation, logits in dtype + fp32
+    work = t * (3 * D + args.qkv_rows + D + 3 * F) * elt + t * V * (elt + 4)
     return {"weights": weights, "kv_cache": kv, "working": work, "total": weights + kv + work}

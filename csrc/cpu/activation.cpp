@@ -1,6 +1,5 @@
 // out = round(round(g / (1 + exp(-g))) * up) for g = x[:F], up = x[F:], one row range per thread; 8 lanes
-// at a time with an AVX2 expf (Cody-Waite reduction + degree-6 polynomial, ~1 ulp on |x| < 87), lanes
-// outside that range (and the scalar tail) through std::exp.
+// at a time with exp8 (vec.h), lanes outside its range (and the scalar tail) through std::exp.
 #include "codellama/activation.h"
 
 #include <cmath>
@@ -13,24 +12,6 @@ namespace {
 inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
 
 #ifdef CODELLAMA_AVX2
-// exp(x) for |x| <= 87 (the caller checks the range), Cephes expf coefficients.
-inline __m256 exp8(__m256 x) {
-  const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507E-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073E-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894E-2f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459E-1f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201E-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i n = _mm256_cvtps_epi32(fx);
-  const __m256i pow2 = _mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2));
-}
-
 inline vec8 silu8(vec8 g) {
   const __m256 absg = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), g);
   const __m256 out_of_range = _mm256_cmp_ps(absg, _mm256_set1_ps(87.0f), _CMP_NLE_UQ);  // also NaN

@@ -1,10 +1,11 @@
 // CPU building blocks shared by the kernels: 8-wide float vectors loaded from / stored to any element
-// type, horizontal sums, and the thread-parallel loop. AVX2+FMA (+F16C) when the compiler targets them,
+// type, horizontal sums, a vector exp, and the thread-parallel loop. AVX2+FMA (+F16C) when the compiler targets them,
 // a portable scalar fallback otherwise; both give the same results up to float summation order.
 #pragma once
 
 #include <cstdint>
 #include <algorithm>
+#include <cmath>
 #include <type_traits>
 
 #include "codellama/common.h"
@@ -19,6 +20,9 @@
 #endif
 
 namespace codellama::cpu {
+
+// exp8_nonpositive's lower end: below it, expf is subnormal (or 0) and counts as 0.
+constexpr float kExpFloor = -87.f;
 
 inline int max_threads() {
 #ifdef _OPENMP
@@ -101,6 +105,7 @@ inline void store8(BFloat16* p, vec8 v) {
 inline vec8 set1(float v) { return _mm256_set1_ps(v); }
 inline vec8 zero8() { return _mm256_setzero_ps(); }
 inline vec8 add(vec8 a, vec8 b) { return _mm256_add_ps(a, b); }
+inline vec8 sub(vec8 a, vec8 b) { return _mm256_sub_ps(a, b); }
 inline vec8 mul(vec8 a, vec8 b) { return _mm256_mul_ps(a, b); }
 inline vec8 fmadd(vec8 a, vec8 b, vec8 c) { return _mm256_fmadd_ps(a, b, c); }
 inline float hsum(vec8 v) {
@@ -109,6 +114,36 @@ inline float hsum(vec8 v) {
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
+// out[t] = hsum(a_t) * scale for the 4 vectors a0..a3.
+inline void hsum4(vec8 a0, vec8 a1, vec8 a2, vec8 a3, float scale, float* out) {
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));  // per 128-bit half
+  const __m128 sum = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  _mm_storeu_ps(out, _mm_mul_ps(sum, _mm_set1_ps(scale)));
+}
+// exp(x) for |x| <= 87 (the caller keeps to that range): Cody-Waite reduction and Cephes' degree-6 expf
+// polynomial, ~1 ulp.
+inline vec8 exp8(vec8 x) {
+  const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507E-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073E-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894E-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459E-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201E-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i n = _mm256_cvtps_epi32(fx);
+  const __m256i pow2 = _mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2));
+}
+// exp(x) for softmax weights, x <= 0: 0 below kExpFloor (where expf is subnormal or 0, and exp8's range
+// ends), NaN stays NaN (max_ps returns its second operand when one is NaN).
+inline vec8 exp8_nonpositive(vec8 x) {
+  const __m256 below = _mm256_cmp_ps(x, _mm256_set1_ps(kExpFloor), _CMP_LT_OQ);
+  return _mm256_andnot_ps(below, exp8(_mm256_max_ps(_mm256_set1_ps(kExpFloor), x)));
+}
 #else
 struct vec8 { float v[8]; };
 template <typename T> inline vec8 load8(const T* p) { vec8 r; for (int i = 0; i < 8; ++i) r.v[i] = to_float(p[i]); return r; }
@@ -116,9 +151,17 @@ template <typename T> inline void store8(T* p, vec8 a) { for (int i = 0; i < 8; 
 inline vec8 set1(float x) { vec8 r; for (float& e : r.v) e = x; return r; }
 inline vec8 zero8() { return set1(0.f); }
 inline vec8 add(vec8 a, vec8 b) { for (int i = 0; i < 8; ++i) a.v[i] += b.v[i]; return a; }
+inline vec8 sub(vec8 a, vec8 b) { for (int i = 0; i < 8; ++i) a.v[i] -= b.v[i]; return a; }
 inline vec8 mul(vec8 a, vec8 b) { for (int i = 0; i < 8; ++i) a.v[i] *= b.v[i]; return a; }
 inline vec8 fmadd(vec8 a, vec8 b, vec8 c) { for (int i = 0; i < 8; ++i) c.v[i] += a.v[i] * b.v[i]; return c; }
 inline float hsum(vec8 a) { float s = 0; for (float e : a.v) s += e; return s; }
+inline void hsum4(vec8 a0, vec8 a1, vec8 a2, vec8 a3, float scale, float* out) {
+  out[0] = hsum(a0) * scale; out[1] = hsum(a1) * scale; out[2] = hsum(a2) * scale; out[3] = hsum(a3) * scale;
+}
+inline vec8 exp8_nonpositive(vec8 x) {
+  for (float& e : x.v) e = e < kExpFloor ? 0.f : std::exp(e);
+  return x;
+}
 #endif
 
 // Rounds each lane through T (float: unchanged), as storing to a T tensor and reading back would.
