@@ -106,6 +106,27 @@ def test_attention_decode_full_splits_cuda():
                              floor=1e-5, name="decode full splits")
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("heads,batch", [((32, 32), 1), ((8, 2), 3)])
+def test_attention_decode_cpu_head_blocks(threads, heads, batch):
+    """The CPU decode splits each sequence's kv heads into one block per thread (uneven with 3 threads: 11, 11,
+    10 of 32), walked chunk by chunk; every head still equals the reference."""
+    hq, hkv, d, dtype = *heads, 128, torch.bfloat16
+    slots, seq_lens = [2, 0, 1][:batch], [300, 77, 1][:batch]
+    q, _, _ = qkv_views(batch, hq, hkv, d, dtype, "cpu")
+    kc, vc = filled_cache(3, 320, hkv, d, dtype, "cpu", dict(zip(slots, seq_lens)))
+    args = (i32(slots, "cpu"), i32(seq_lens, "cpu"))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = ops.attention_decode(q, kc, vc, *args)
+    finally:
+        torch.set_num_threads(before)
+    assert_close_to_baseline(out, reference.attention_decode(q, kc, vc, *args),
+                             reference.attention_decode(q.double(), kc.double(), vc.double(), *args),
+                             floor=1e-5, name=f"decode {heads} x{batch}, {threads} threads")
+
+
 @pytest.mark.parametrize("heads", [(32, 32), (64, 8)])  # CodeLlama 7B and 34B attention shapes
 def test_codellama_sizes(device, heads):
     hq, hkv, d, dtype = *heads, 128, torch.bfloat16

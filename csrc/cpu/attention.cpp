@@ -23,14 +23,12 @@ constexpr int64_t kMinRowBlock = 16;
 constexpr int64_t kMaxRowBlock = kTaskQueries;
 constexpr int64_t kPrefetchRows = 8;  // K/V rows are a page apart (stride Hkv * D): prefetch ahead of use
 
-// Scratch of one task: its query vectors in fp32, accumulators, chunk scores / probabilities, running max and
-// sum, and the key chunk's K and V rows in fp32 (converted once, read by every query of the task).
-struct Scratch {
-  std::vector<float> q, acc, s, m, l, kf, vf;
-  std::vector<int64_t> keys;
+// Scratch of one key chunk, shared by the kv heads a task walks: scores / probabilities of its queries, and the
+// chunk's K and V rows in fp32 (converted once, read by every query of the kv group).
+struct ChunkScratch {
+  std::vector<float> s, kf, vf;
   void resize(int64_t nq, int64_t d) {
-    q.resize(nq * d); acc.resize(nq * d); s.resize(nq * kKeyChunk); m.resize(nq); l.resize(nq);
-    kf.resize(kKeyChunk * d); vf.resize(kKeyChunk * d);
+    s.resize(nq * kKeyChunk); kf.resize(kKeyChunk * d); vf.resize(kKeyChunk * d);
   }
 };
 
@@ -132,52 +130,57 @@ void softmax_update(float* s, int64_t ni, int64_t n, float& m, float& l, float* 
   }
 }
 
-// Attends M query rows x G heads of one kv group: query (r, g) at q + r * q_rs + g * q_hs sees keys
-// 0 .. nkeys[r]-1 at k / v + j * kv_stride (nkeys[r] >= 1) and writes out + r * o_rs + g * o_hs.
-// D a multiple of 8. Per key chunk: K and V rows to fp32 scratch (reading them straight from the cache
-// measured 1.27x the time, even for one query per task), scores of all queries (2 at a time), softmax, P.v
-// (4 queries at a time).
+// Flash-style attention of M query rows x G heads of one kv group, fed one key chunk at a time: query (r, g) at
+// q + r * q_rs + g * q_hs sees keys 0 .. nkeys[r]-1 (nkeys[r] >= 1). D a multiple of 8. Per chunk: K and V
+// rows to fp32 scratch (reading them straight from the cache measured 1.27x the time, even for one query per
+// task), scores of all queries (2 at a time), softmax, P.v (4 queries at a time).
 template <typename T>
-void attend(const T* q, int64_t q_rs, int64_t q_hs, int64_t M, int64_t G, const int64_t* nkeys, const T* k,
-            const T* v, int64_t kv_stride, int64_t D, float scale, T* out, int64_t o_rs, int64_t o_hs, Scratch& sc) {
-  const int64_t nq = M * G;
-  sc.resize(nq, D);
-  int64_t max_keys = 0;
-  for (int64_t r = 0; r < M; ++r) max_keys = std::max(max_keys, nkeys[r]);
-  sc.keys.resize(nq);
-  int64_t* row_keys = sc.keys.data();  // keys seen by query i (no division in the inner loops)
-  for (int64_t i = 0; i < nq; ++i) {
-    row_keys[i] = nkeys[i / G];
-    const T* qi = q + (i / G) * q_rs + (i % G) * q_hs;
-    for (int64_t c = 0; c < D; c += 8) store8(sc.q.data() + i * D + c, load8(qi + c));
-    std::fill(sc.acc.begin() + i * D, sc.acc.begin() + (i + 1) * D, 0.f);
-    sc.m[i] = -std::numeric_limits<float>::infinity();
-    sc.l[i] = 0.f;
-  }
-  float* const s = sc.s.data();
-  float* const acc = sc.acc.data();
-  const float* kf = sc.kf.data();
-  const float* vf = sc.vf.data();
-  for (int64_t j0 = 0; j0 < max_keys; j0 += kKeyChunk) {
-    const int64_t n = std::min(kKeyChunk, max_keys - j0);
-    load_chunk(k, kv_stride, j0, n, max_keys, D, sc.kf.data());
-    load_chunk(v, kv_stride, j0, n, max_keys, D, sc.vf.data());
-    int64_t i = 0;
-    for (; i + 2 <= nq; i += 2) scores<2>(sc.q.data() + i * D, kf, n, D, scale, s + i * kKeyChunk);
-    if (i < nq) scores<1>(sc.q.data() + i * D, kf, n, D, scale, s + i * kKeyChunk);
-    for (i = 0; i < nq; ++i) {
-      softmax_update<T>(s + i * kKeyChunk, std::min(n, row_keys[i] - j0), n, sc.m[i], sc.l[i], acc + i * D, D);
+class GroupAttention {
+ public:
+  void begin(const T* q, int64_t q_rs, int64_t q_hs, int64_t M, int64_t G, const int64_t* nkeys, int64_t D) {
+    nq_ = M * G, D_ = D, max_keys_ = 0;
+    q_.resize(nq_ * D); acc_.assign(nq_ * D, 0.f);
+    m_.assign(nq_, -std::numeric_limits<float>::infinity()); l_.assign(nq_, 0.f); keys_.resize(nq_);
+    for (int64_t r = 0; r < M; ++r) max_keys_ = std::max(max_keys_, nkeys[r]);
+    for (int64_t i = 0; i < nq_; ++i) {
+      keys_[i] = nkeys[i / G];  // keys seen by query i (no division in the inner loops)
+      const T* qi = q + (i / G) * q_rs + (i % G) * q_hs;
+      for (int64_t c = 0; c < D; c += 8) store8(q_.data() + i * D + c, load8(qi + c));
     }
-    for (i = 0; i + 4 <= nq; i += 4) weighted_values<4>(s + i * kKeyChunk, vf, n, D, acc + i * D);
-    for (; i < nq; ++i) weighted_values<1>(s + i * kKeyChunk, vf, n, D, acc + i * D);
   }
-  for (int64_t i = 0; i < nq; ++i) {
-    const float* a = acc + i * D;
-    const vec8 inv = set1(sc.l[i] > 0.f ? 1.f / sc.l[i] : 0.f);
-    T* o = out + (i / G) * o_rs + (i % G) * o_hs;
-    for (int64_t c = 0; c < D; c += 8) store8(o + c, mul(load8(a + c), inv));
+  int64_t max_keys() const { return max_keys_; }
+  // Keys j0 .. j0 + kKeyChunk - 1 (up to max_keys): rows of k / v at k + j * kv_stride.
+  void chunk(const T* k, const T* v, int64_t kv_stride, int64_t j0, float scale, ChunkScratch& cs) {
+    const int64_t n = std::min(kKeyChunk, max_keys_ - j0), D = D_;
+    cs.resize(nq_, D);
+    float* const s = cs.s.data();
+    float* const acc = acc_.data();
+    load_chunk(k, kv_stride, j0, n, max_keys_, D, cs.kf.data());
+    load_chunk(v, kv_stride, j0, n, max_keys_, D, cs.vf.data());
+    int64_t i = 0;
+    for (; i + 2 <= nq_; i += 2) scores<2>(q_.data() + i * D, cs.kf.data(), n, D, scale, s + i * kKeyChunk);
+    if (i < nq_) scores<1>(q_.data() + i * D, cs.kf.data(), n, D, scale, s + i * kKeyChunk);
+    for (i = 0; i < nq_; ++i) {
+      softmax_update<T>(s + i * kKeyChunk, std::min(n, keys_[i] - j0), n, m_[i], l_[i], acc + i * D, D);
+    }
+    for (i = 0; i + 4 <= nq_; i += 4) weighted_values<4>(s + i * kKeyChunk, cs.vf.data(), n, D, acc + i * D);
+    for (; i < nq_; ++i) weighted_values<1>(s + i * kKeyChunk, cs.vf.data(), n, D, acc + i * D);
   }
-}
+  // Writes query (r, g) to out + r * o_rs + g * o_hs.
+  void end(T* out, int64_t o_rs, int64_t o_hs, int64_t G) const {
+    for (int64_t i = 0; i < nq_; ++i) {
+      const float* a = acc_.data() + i * D_;
+      const vec8 inv = set1(l_[i] > 0.f ? 1.f / l_[i] : 0.f);
+      T* o = out + (i / G) * o_rs + (i % G) * o_hs;
+      for (int64_t c = 0; c < D_; c += 8) store8(o + c, mul(load8(a + c), inv));
+    }
+  }
+
+ private:
+  int64_t nq_ = 0, D_ = 0, max_keys_ = 0;
+  std::vector<float> q_, acc_, m_, l_;
+  std::vector<int64_t> keys_;
+};
 
 template <typename T>
 void zero_heads(T* out, int64_t G, int64_t D) {
@@ -234,7 +237,8 @@ void attention_prefill(DType dt, void* out, HeadsView q, int64_t tokens, int64_t
     }
     const int64_t n = static_cast<int64_t>(blocks.size()) * Hkv;
     parallel_for(n, 1, [&](int64_t i0, int64_t i1) {
-      Scratch sc;
+      GroupAttention<scalar_t> ga;
+      ChunkScratch cs;
       int64_t nkeys[kMaxRowBlock];
       for (int64_t ii = i0; ii < i1; ++ii) {
         // interleave short (early) and long (late) causal blocks so each thread's contiguous range costs the same
@@ -250,8 +254,10 @@ void attention_prefill(DType dt, void* out, HeadsView q, int64_t tokens, int64_t
           nkeys[r] = std::min<int64_t>(start_pos[b] + (blk.t0 + r - cu_seqlens[b]) + 1, S);
         }
         const int64_t off = slot * S * Hkv * D + kvh * D;
-        attend(qp + blk.t0 * q.row_stride + kvh * G * q.head_stride, q.row_stride, q.head_stride, blk.rows, G, nkeys,
-               kc + off, vc + off, Hkv * D, D, scale, ob, q_heads * D, D, sc);
+        ga.begin(qp + blk.t0 * q.row_stride + kvh * G * q.head_stride, q.row_stride, q.head_stride, blk.rows, G,
+                 nkeys, D);
+        for (int64_t j0 = 0; j0 < ga.max_keys(); j0 += kKeyChunk) ga.chunk(kc + off, vc + off, Hkv * D, j0, scale, cs);
+        ga.end(ob, q_heads * D, D, G);
       }
     });
   });
@@ -265,17 +271,33 @@ void attention_decode(DType dt, void* out, HeadsView q, int64_t batch, int64_t q
     const auto* qp = static_cast<const scalar_t*>(q.data);
     const auto* kc = static_cast<const scalar_t*>(cache.k);
     const auto* vc = static_cast<const scalar_t*>(cache.v);
-    parallel_for(batch * Hkv, 1, [&](int64_t i0, int64_t i1) {
-      Scratch sc;
+    // A task = hb kv heads of one sequence, walked chunk by chunk: all hb heads take a chunk of keys before the
+    // next, so a thread reads hb * D contiguous elements of every cache row instead of D-element slices a page
+    // apart, one head after another.
+    const int64_t hb = std::clamp<int64_t>((batch * Hkv + max_threads() - 1) / max_threads(), 1, Hkv);
+    const int64_t blocks = (Hkv + hb - 1) / hb;
+    parallel_for(batch * blocks, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<GroupAttention<scalar_t>> heads(hb);
+      ChunkScratch cs;
       for (int64_t i = i0; i < i1; ++i) {
-        const int64_t b = i / Hkv, kvh = i % Hkv;
-        scalar_t* ob = o + (b * q_heads + kvh * G) * D;
+        const int64_t b = i / blocks, h0 = i % blocks * hb, h1 = std::min(Hkv, h0 + hb);
+        scalar_t* ob = o + b * q_heads * D;
         const int64_t slot = slots[b];
         const int64_t nkeys = std::min<int64_t>(seq_lens[b], S);
-        if (slot < 0 || slot >= cache.batch || nkeys <= 0) { zero_heads(ob, G, D); continue; }
-        const int64_t off = slot * S * Hkv * D + kvh * D;
-        attend(qp + b * q.row_stride + kvh * G * q.head_stride, 0, q.head_stride, 1, G, &nkeys, kc + off, vc + off,
-               Hkv * D, D, scale, ob, 0, D, sc);
+        if (slot < 0 || slot >= cache.batch || nkeys <= 0) {
+          zero_heads(ob + h0 * G * D, (h1 - h0) * G, D);
+          continue;
+        }
+        const int64_t off = slot * S * Hkv * D;
+        for (int64_t h = h0; h < h1; ++h) {
+          heads[h - h0].begin(qp + b * q.row_stride + h * G * q.head_stride, 0, q.head_stride, 1, G, &nkeys, D);
+        }
+        for (int64_t j0 = 0; j0 < nkeys; j0 += kKeyChunk) {
+          for (int64_t h = h0; h < h1; ++h) {
+            heads[h - h0].chunk(kc + off + h * D, vc + off + h * D, Hkv * D, j0, scale, cs);
+          }
+        }
+        for (int64_t h = h0; h < h1; ++h) heads[h - h0].end(ob + h * G * D, 0, D, G);
       }
     });
   });
