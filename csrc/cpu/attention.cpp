@@ -1,7 +1,8 @@
 // out = round(sum_j round(exp(s_j - m)) v_j / sum_j exp(s_j - m)), s_j = q.k_j * scale in fp32, online over key
-// chunks. One task = a block of 16-64 query tokens of a sequence (decode: one sequence) x one kv head, with
-// all Hq/Hkv query heads of that kv group: each K/V row is loaded (and converted to fp32) once per task for all
-// its queries. Scores and P.v are small register-blocked matrix products; exp is 8-wide.
+// chunks (GroupAttention: one kv head with all its Hq/Hkv query heads, for a block of query rows; each K/V row is
+// loaded and converted to fp32 once for all those queries). Prefill: one task = 16-64 query tokens of a sequence
+// x one kv head. Decode: one task = a block of kv heads of one sequence, fed key chunks in step. Scores and P.v
+// are small register-blocked matrix products; exp is 8-wide.
 #include "codellama/attention.h"
 
 #include <cmath>
@@ -40,7 +41,7 @@ void load_chunk(const T* src, int64_t stride, int64_t j0, int64_t n, int64_t max
     const T* r = src + (j0 + j) * stride;
     if (j0 + j + kPrefetchRows < max_keys) {
       const char* ahead = reinterpret_cast<const char*>(r + kPrefetchRows * stride);
-      for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(ahead + b);
+      for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(T)); b += 64) prefetch(ahead + b);
     }
     for (int64_t c = 0; c < D; c += 8) store8(dst + j * D + c, load8(r + c));
   }
