@@ -70,33 +70,31 @@ void scores(const float* q, const float* kf, int64_t n, int64_t D, float scale, 
   }
 }
 
-// acc[r] += sum_{j < n} p[r][j] * v_j for R queries (v_j: rows of vf, stride D): 16 (then 8) columns of R
-// accumulators in registers over the whole chunk, each V vector loaded once for the R queries.
+// acc[r][c .. c + 8C) += sum_{j < n} p[r][j] * v_j[c .. c + 8C) for R queries (v_j: rows of vf, stride D): the
+// R x C accumulators stay in registers over the whole chunk, each V vector is loaded once for the R queries.
+template <int R, int C>
+void weighted_columns(const float* p, const float* vf, int64_t n, int64_t D, float* acc, int64_t c) {
+  vec8 o[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < C; ++u) o[r][u] = load8(acc + r * D + c + 8 * u);
+  for (int64_t j = 0; j < n; ++j) {
+    vec8 v[C];
+    for (int u = 0; u < C; ++u) v[u] = load8(vf + j * D + c + 8 * u);
+    for (int r = 0; r < R; ++r) {
+      const vec8 pr = set1(p[r * kKeyChunk + j]);
+      for (int u = 0; u < C; ++u) o[r][u] = fmadd(pr, v[u], o[r][u]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < C; ++u) store8(acc + r * D + c + 8 * u, o[r][u]);
+}
+
+// acc[r] += sum_{j < n} p[r][j] * v_j for R queries, 16 columns at a time (then 8 when D = 16k + 8).
 template <int R>
 void weighted_values(const float* p, const float* vf, int64_t n, int64_t D, float* acc) {
   int64_t c = 0;
-  for (; c + 16 <= D; c += 16) {
-    vec8 o[R][2];
-    for (int r = 0; r < R; ++r) { o[r][0] = load8(acc + r * D + c); o[r][1] = load8(acc + r * D + c + 8); }
-    for (int64_t j = 0; j < n; ++j) {
-      const vec8 v0 = load8(vf + j * D + c), v1 = load8(vf + j * D + c + 8);
-      for (int r = 0; r < R; ++r) {
-        const vec8 pr = set1(p[r * kKeyChunk + j]);
-        o[r][0] = fmadd(pr, v0, o[r][0]);
-        o[r][1] = fmadd(pr, v1, o[r][1]);
-      }
-    }
-    for (int r = 0; r < R; ++r) { store8(acc + r * D + c, o[r][0]); store8(acc + r * D + c + 8, o[r][1]); }
-  }
-  if (c < D) {  // D = 16k + 8
-    vec8 o[R];
-    for (int r = 0; r < R; ++r) o[r] = load8(acc + r * D + c);
-    for (int64_t j = 0; j < n; ++j) {
-      const vec8 v0 = load8(vf + j * D + c);
-      for (int r = 0; r < R; ++r) o[r] = fmadd(set1(p[r * kKeyChunk + j]), v0, o[r]);
-    }
-    for (int r = 0; r < R; ++r) store8(acc + r * D + c, o[r]);
-  }
+  for (; c + 16 <= D; c += 16) weighted_columns<R, 2>(p, vf, n, D, acc, c);
+  if (c < D) weighted_columns<R, 1>(p, vf, n, D, acc, c);
 }
 
 // Online-softmax update of one query over its first ni keys of the chunk (s: its scores, n entries): new
@@ -139,7 +137,7 @@ template <typename T>
 class GroupAttention {
  public:
   void begin(const T* q, int64_t q_rs, int64_t q_hs, int64_t M, int64_t G, const int64_t* nkeys, int64_t D) {
-    nq_ = M * G, D_ = D, max_keys_ = 0;
+    nq_ = M * G, G_ = G, D_ = D, max_keys_ = 0;
     q_.resize(nq_ * D); acc_.assign(nq_ * D, 0.f);
     m_.assign(nq_, -std::numeric_limits<float>::infinity()); l_.assign(nq_, 0.f); keys_.resize(nq_);
     for (int64_t r = 0; r < M; ++r) max_keys_ = std::max(max_keys_, nkeys[r]);
@@ -168,17 +166,17 @@ class GroupAttention {
     for (; i < nq_; ++i) weighted_values<1>(s + i * kKeyChunk, cs.vf.data(), n, D, acc + i * D);
   }
   // Writes query (r, g) to out + r * o_rs + g * o_hs.
-  void end(T* out, int64_t o_rs, int64_t o_hs, int64_t G) const {
+  void end(T* out, int64_t o_rs, int64_t o_hs) const {
     for (int64_t i = 0; i < nq_; ++i) {
       const float* a = acc_.data() + i * D_;
       const vec8 inv = set1(l_[i] > 0.f ? 1.f / l_[i] : 0.f);
-      T* o = out + (i / G) * o_rs + (i % G) * o_hs;
+      T* o = out + (i / G_) * o_rs + (i % G_) * o_hs;
       for (int64_t c = 0; c < D_; c += 8) store8(o + c, mul(load8(a + c), inv));
     }
   }
 
  private:
-  int64_t nq_ = 0, D_ = 0, max_keys_ = 0;
+  int64_t nq_ = 0, G_ = 1, D_ = 0, max_keys_ = 0;
   std::vector<float> q_, acc_, m_, l_;
   std::vector<int64_t> keys_;
 };
@@ -258,7 +256,7 @@ void attention_prefill(DType dt, void* out, HeadsView q, int64_t tokens, int64_t
         ga.begin(qp + blk.t0 * q.row_stride + kvh * G * q.head_stride, q.row_stride, q.head_stride, blk.rows, G,
                  nkeys, D);
         for (int64_t j0 = 0; j0 < ga.max_keys(); j0 += kKeyChunk) ga.chunk(kc + off, vc + off, Hkv * D, j0, scale, cs);
-        ga.end(ob, q_heads * D, D, G);
+        ga.end(ob, q_heads * D, D);
       }
     });
   });
@@ -281,7 +279,7 @@ void attention_decode(DType dt, void* out, HeadsView q, int64_t batch, int64_t q
       std::vector<GroupAttention<scalar_t>> heads(hb);
       ChunkScratch cs;
       for (int64_t i = i0; i < i1; ++i) {
-        const int64_t b = i / blocks, h0 = i % blocks * hb, h1 = std::min(Hkv, h0 + hb);
+        const int64_t b = i / blocks, h0 = (i % blocks) * hb, h1 = std::min(Hkv, h0 + hb);
         scalar_t* ob = o + b * q_heads * D;
         const int64_t slot = slots[b];
         const int64_t nkeys = std::min<int64_t>(seq_lens[b], S);
@@ -298,7 +296,7 @@ void attention_decode(DType dt, void* out, HeadsView q, int64_t batch, int64_t q
             heads[h - h0].chunk(kc + off + h * D, vc + off + h * D, Hkv * D, j0, scale, cs);
           }
         }
-        for (int64_t h = h0; h < h1; ++h) heads[h - h0].end(ob + h * G * D, 0, D, G);
+        for (int64_t h = h0; h < h1; ++h) heads[h - h0].end(ob + h * G * D, 0, D);
       }
     });
   });

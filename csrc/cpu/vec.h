@@ -1,6 +1,7 @@
 // CPU building blocks shared by the kernels: 8-wide float vectors loaded from / stored to any element
-// type, horizontal sums, a vector exp, and the thread-parallel loop. AVX2+FMA (+F16C) when the compiler targets them,
-// a portable scalar fallback otherwise; both give the same results up to float summation order.
+// type, horizontal sums, a vector exp, and the thread-parallel loop. AVX2+FMA (+F16C) when the compiler
+// targets them, a portable scalar fallback otherwise; both give the same results up to float summation order
+// (and exp8_nonpositive's rounding: ~1 ulp).
 #pragma once
 
 #include <cstdint>
