@@ -98,6 +98,7 @@ class Transformer(nn.Module):
         cache_shape = (args.n_layers, max_batch_size, max_seq_len, args.n_kv_heads, args.head_dim)
         self.register_buffer("k_cache", torch.zeros(cache_shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(cache_shape, dtype=dtype, device=device), persistent=False)
+        self._layer_lists = None
 
     @property
     def device(self) -> torch.device:
@@ -160,9 +161,7 @@ class Transformer(nn.Module):
         """One new token per sequence, with no checks and no host synchronisation, so it can be captured in a
         CUDA graph: tokens [B] int64, positions [B] int32, slots [B] int32, all on the model's device (the
         caller guarantees ids < vocab, positions < max_seq_len, distinct slots < max_batch_size) -> [B, V]."""
-        seq_lens = positions + 1
-        return self._layers(tokens, positions, slots, self.k_cache, self.v_cache,
-                            lambda q, kc, vc: ops.attention_decode(q, kc, vc, slots, seq_lens))
+        return self._layers(tokens, positions, slots, slots, self.k_cache, self.v_cache, seq_lens=positions + 1)
 
     @torch.inference_mode()
     def logits(self, token_ids) -> torch.Tensor:
@@ -227,44 +226,45 @@ class Transformer(nn.Module):
         seq_of_tok = torch.repeat_interleave(torch.arange(B), lens)
         pos = (sp[seq_of_tok] + torch.arange(N) - cu[:-1][seq_of_tok]).to(torch.int32).to(dev)
         tok_slots = sl[seq_of_tok].to(torch.int32).to(dev)
-        decode = bool((lens == 1).all())
         sl32 = sl.to(torch.int32).to(dev)
-        if decode:
-            seq_lens = (sp + 1).to(torch.int32).to(dev)
-            attend = lambda q, kc, vc: ops.attention_decode(q, kc, vc, sl32, seq_lens)  # noqa: E731
-        else:
-            cu32 = cu.to(torch.int32).to(dev)
-            sp32 = sp.to(torch.int32).to(dev)
-            max_q = int(lens.max())
-            attend = lambda q, kc, vc: ops.attention_prefill(q, kc, vc, cu32, sp32, sl32, max_q)  # noqa: E731
         rows = (cu[1:] - 1).to(dev) if last_only else None
-        logits = self._layers(flat, pos, tok_slots, k_cache, v_cache, attend, rows)
+        if bool((lens == 1).all()):
+            attention = dict(seq_lens=(sp + 1).to(torch.int32).to(dev))
+        else:
+            attention = dict(cu_seqlens=cu.to(torch.int32).to(dev), start_pos=sp.to(torch.int32).to(dev),
+                             max_query_len=int(lens.max()))
+        logits = self._layers(flat, pos, tok_slots, sl32, k_cache, v_cache, rows, **attention)
         return logits if packed or last_only else logits.view(B, -1, a.vocab_size)
 
-    def _layers(self, flat, pos, tok_slots, k_cache, v_cache, attend, rows=None) -> torch.Tensor:
+    def _layers(self, flat, pos, tok_slots, slots, k_cache, v_cache, rows=None, **attention) -> torch.Tensor:
         """The decoder over N tokens at cache coordinates (tok_slots, pos) -> float32 logits [N, V] (or of the
-        tokens `rows` only); attend(q, k_cache_layer, v_cache_layer) is the attention kernel call."""
-        a, N = self.args, flat.numel()
-        Hq, Hkv, hd = a.n_heads, a.n_kv_heads, a.head_dim
-        x = F.embedding(flat, self.tok_embeddings)
-        residual = None
-        for i, blk in enumerate(self.layers):
-            if residual is None:
-                h, residual = ops.rms_norm(x, blk.attention_norm, a.norm_eps), x
-            else:
-                h, residual = ops.fused_add_rms_norm(x, residual, blk.attention_norm, a.norm_eps)
-            qkv = blk.wqkv(h).view(N, Hq + 2 * Hkv, hd)
-            q, k, v = qkv[:, :Hq], qkv[:, Hq:Hq + Hkv], qkv[:, Hq + Hkv:]  # strided views: the ops take them
-            ops.rotary_embedding(q, k, pos, a.rope_theta, self.interleaved)
-            kc, vc = k_cache[i], v_cache[i]
-            ops.kv_cache_append(k, v, kc, vc, tok_slots, pos)
-            o = blk.wo(attend(q, kc, vc).reshape(N, Hq * hd))
-            h, residual = ops.fused_add_rms_norm(o, residual, blk.ffn_norm, a.norm_eps)
-            x = blk.w2(ops.silu_and_mul(blk.w13(h)))
+        tokens `rows` only); `attention` holds ops.decoder_layers' decode (seq_lens) or prefill arguments."""
+        a = self.args
+        weights, scales = self._layer_tensors()
+        x, residual = ops.decoder_layers(F.embedding(flat, self.tok_embeddings), weights, scales, k_cache, v_cache,
+                                         pos, tok_slots, slots, eps=a.norm_eps, theta=a.rope_theta,
+                                         interleaved=self.interleaved, **attention)
         if rows is not None:
             x, residual = x[rows], residual[rows]
         h, _ = ops.fused_add_rms_norm(x, residual, self.norm, a.norm_eps)
         return self.output(h).float()
+
+    def _layer_tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """ops.decoder_layers' weight lists, built once: loading copies into these tensors in place, and moving
+        the model (nn.Module._apply: .to(), .cuda(), ...) replaces them, so _apply drops the lists."""
+        if self._layer_lists is None:
+            weights, scales = [], []
+            for blk in self.layers:
+                linears = (blk.wqkv, blk.wo, blk.w13, blk.w2)
+                mats = [lin.qweight if lin.quantized else lin.weight for lin in linears]
+                weights += [blk.attention_norm, mats[0], mats[1], blk.ffn_norm, mats[2], mats[3]]
+                scales += [lin.scales for lin in linears if lin.quantized]
+            self._layer_lists = (weights, scales)
+        return self._layer_lists
+
+    def _apply(self, fn, *args, **kwargs):
+        self._layer_lists = None
+        return super()._apply(fn, *args, **kwargs)
 
     def reset_cache(self) -> None:
         """Zeroes the KV cache (not needed for correctness: positions are always written before they are read)."""

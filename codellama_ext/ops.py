@@ -72,6 +72,17 @@ def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) ->
     return _ops.linear_int8(x, qweight, scales)
 
 
+def decoder_layers(x: torch.Tensor, weights: list[torch.Tensor], scales: list[torch.Tensor], k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, positions: torch.Tensor, token_slots: torch.Tensor, slots: torch.Tensor, *,
+                   seq_lens: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                   start_pos: torch.Tensor | None = None, max_query_len: int = 0, eps: float = 1e-5,
+                   theta: float = 1e6, interleaved: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every decoder layer over x [T, dim] in one call (see the schema in python/bindings.cpp): decode with
+    seq_lens, prefill with cu_seqlens / start_pos / max_query_len -> (last layer's output, residual before it)."""
+    return _ops.decoder_layers(x, weights, scales, k_cache, v_cache, positions, token_slots, slots, seq_lens,
+                               cu_seqlens, start_pos, max_query_len, eps, theta, interleaved)
+
+
 def argmax(logits: torch.Tensor) -> torch.Tensor:
     """First index of the maximum of each row: logits [B, V] -> [B] int64."""
     return _ops.argmax(logits)
@@ -142,6 +153,12 @@ def _(weight, group_size):
 @torch.library.register_fake("codellama::linear_int8")
 def _(x, qweight, scales):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+@torch.library.register_fake("codellama::decoder_layers")
+def _(x, weights, scales, k_cache, v_cache, positions, token_slots, slots, seq_lens, cu_seqlens, start_pos,
+      max_query_len, eps, theta, interleaved):
+    return torch.empty_like(x), torch.empty_like(x)
 
 
 @torch.library.register_fake("codellama::argmax")

@@ -205,3 +205,40 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
         j = min(int(torch.searchsorted(cdf, target, right=True)), n - 1)
         out.append(int(idx[j]))
     return torch.tensor(out, dtype=torch.int64, device=logits.device)
+
+
+# ---- the decoder layers (python/ops/decoder.cpp) ----
+
+def decoder_layers(x: torch.Tensor, weights: list[torch.Tensor], scales: list[torch.Tensor], k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, positions: torch.Tensor, token_slots: torch.Tensor, slots: torch.Tensor, *,
+                   seq_lens: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                   start_pos: torch.Tensor | None = None, max_query_len: int = 0, eps: float = 1e-5,
+                   theta: float = 1e6, interleaved: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pre-norm decoder layers, each the reference ops above in the model's order (SPEC.md §1.4), appending
+    to the caches [L, Bc, S, Hkv, D] in place. weights: 6 per layer (attention_norm, wqkv, wo, ffn_norm, w13,
+    w2); scales: none or the int8 scales of wqkv, wo, w13, w2 per layer. x [T, dim] -> (the last layer's output,
+    the residual stream before it)."""
+    T, D, hkv = x.shape[0], k_cache.shape[-1], k_cache.shape[-2]
+    hq = weights[1].shape[0] // D - 2 * hkv
+    hidden, residual = x, None
+    for i in range(k_cache.shape[0]):
+        norm1, wqkv, wo, norm2, w13, w2 = weights[6 * i:6 * i + 6]
+        layer_scales = scales[4 * i:4 * i + 4]
+
+        def project(h, j, w):
+            return linear_int8(h, w, layer_scales[j]) if scales else linear(h, w)
+
+        if residual is None:
+            h, residual = rms_norm(hidden, norm1, eps), hidden
+        else:
+            h, residual = fused_add_rms_norm(hidden, residual, norm1, eps)
+        q, k, v = project(h, 0, wqkv).view(T, hq + 2 * hkv, D).split([hq, hkv, hkv], dim=1)
+        q, k = rotary_embedding(q, k, positions, theta, interleaved)
+        kv_cache_append(k, v, k_cache[i], v_cache[i], token_slots, positions)
+        if seq_lens is not None:
+            attn = attention_decode(q, k_cache[i], v_cache[i], slots, seq_lens)
+        else:
+            attn = attention_prefill(q, k_cache[i], v_cache[i], cu_seqlens, start_pos, slots, max_query_len)
+        h, residual = fused_add_rms_norm(project(attn.reshape(T, hq * D), 1, wo), residual, norm2, eps)
+        hidden = project(silu_and_mul(project(h, 2, w13)), 3, w2)
+    return hidden, residual

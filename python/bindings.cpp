@@ -36,6 +36,14 @@ TORCH_LIBRARY(codellama, m) {
   m.def("quantize_int8(Tensor weight, int group_size) -> (Tensor qweight, Tensor scales)");
   // y = x (qweight * scales)^T in the activation dtype.  x [..., K], qweight int8 [N, K], scales [N, G]
   m.def("linear_int8(Tensor x, Tensor qweight, Tensor scales) -> Tensor");
+  // The decoder layers over T tokens at cache coordinates (token_slots[t], positions[t]), each layer exactly the ops
+  // above in the model's order: h = rms_norm(x + residual); q, k, v = linear(h, wqkv); rotary; kv_cache_append;
+  // attention (decode when seq_lens is given, else prefill); h = rms_norm(linear(attn, wo) + residual);
+  // x = linear(silu_and_mul(linear(h, w13)), w2) (linear_int8 with `scales` when given).
+  // x [T, dim]; weights: 6 per layer (attention_norm, wqkv [(Hq + 2Hkv) D, dim], wo, ffn_norm, w13, w2);
+  // scales: none or 4 per layer (wqkv, wo, w13, w2); caches [L, Bc, S, Hkv, D]; positions, token_slots [T],
+  // slots [B] int32 -> (the last layer's x, the residual before it), both [T, dim]
+  m.def("decoder_layers(Tensor x, Tensor[] weights, Tensor[] scales, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor positions, Tensor token_slots, Tensor slots, Tensor? seq_lens, Tensor? cu_seqlens, Tensor? start_pos, int max_query_len, float eps, float theta, bool interleaved) -> (Tensor, Tensor)");
   // Index of the first maximum of each row.  logits [B, V] -> [B] int64
   m.def("argmax(Tensor logits) -> Tensor");
   // Per-row sampling: temperature 0 -> argmax; else softmax(logits / T), top-k (k <= 0: off), Meta's
@@ -59,6 +67,7 @@ void register_impls(torch::Library& m) {
   m.impl("linear", &linear);
   m.impl("quantize_int8", &quantize_int8);
   m.impl("linear_int8", &linear_int8);
+  m.impl("decoder_layers", &decoder_layers);
   m.impl("argmax", &argmax);
   m.impl("sample", &sample);
 }

@@ -5,6 +5,7 @@
 
 #include <torch/all.h>
 
+#include <optional>
 #include <tuple>
 
 namespace codellama::bind {
@@ -33,6 +34,15 @@ at::Tensor silu_and_mul(const at::Tensor& x);
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight);
 std::tuple<at::Tensor, at::Tensor> quantize_int8(const at::Tensor& weight, int64_t group_size);
 at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales);
+
+// decoder.cpp
+std::tuple<at::Tensor, at::Tensor> decoder_layers(const at::Tensor& x, at::TensorList weights, at::TensorList scales,
+                                                  at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& positions,
+                                                  const at::Tensor& token_slots, const at::Tensor& slots,
+                                                  const std::optional<at::Tensor>& seq_lens,
+                                                  const std::optional<at::Tensor>& cu_seqlens,
+                                                  const std::optional<at::Tensor>& start_pos, int64_t max_query_len,
+                                                  double eps, double theta, bool interleaved);
 
 // sampling.cpp
 at::Tensor argmax(const at::Tensor& logits);

@@ -27,9 +27,14 @@ void rotary_embedding(at::Tensor& q, at::Tensor& k, const at::Tensor& positions,
   check_size(op, "positions", positions, 0, tokens, "the number of tokens of q");
   CODELLAMA_CHECK(op, theta > 0 && std::isfinite(theta), "theta must be positive and finite, got ", theta);
   if (tokens == 0) return;
-  if (positions.is_cpu()) {
-    const int64_t min_pos = positions.min().item<int64_t>();  // CPU only: a CUDA check would synchronise
-    CODELLAMA_CHECK(op, min_pos >= 0, "positions must be >= 0, got minimum ", min_pos);
+  if (positions.is_cpu()) {  // CPU only: a CUDA check would synchronise
+    const bool wide = positions.scalar_type() == at::kLong;
+    const int64_t* p64 = wide ? positions.data_ptr<int64_t>() : nullptr;
+    const int32_t* p32 = wide ? nullptr : positions.data_ptr<int32_t>();
+    for (int64_t t = 0; t < tokens; ++t) {
+      const int64_t p = wide ? p64[t] : p32[t];
+      CODELLAMA_CHECK(op, p >= 0, "positions must be >= 0, got positions[", t, "] = ", p);
+    }
   }
   RotaryArgs a{q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), k.stride(0), k.stride(1),
                positions.data_ptr(), positions.scalar_type() == at::kLong, tokens, q.size(1), k.size(1), d,
