@@ -8,7 +8,8 @@ the 70B-Instruct format. Stop strings cut the text before their first occurrence
 Thread safety: one lock per model serialises every call (the model has one KV cache), shared by all CodeLlama
 instances over that model. A stream holds the lock from its first item until it is exhausted, closed or garbage
 collected; abandoning a stream therefore frees the model, but keeping an unfinished stream alive (without
-iterating or closing it) blocks every other caller of the model.
+iterating or closing it) blocks every other caller of the model; a call from the thread that holds such a stream
+raises RuntimeError instead of waiting for itself forever.
 """
 
 from __future__ import annotations
@@ -33,8 +34,31 @@ __all__ = ["CodeLlama", "SamplingParams", "GenerationResult", "DEFAULT_MODEL_DIR
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
 DEFAULT_CONTEXT = 4096  # max_seq_len when not given: CodeLlama's window is 16k, most uses need far less cache
 _MODES = ("complete", "infill", "chat")
-_MODEL_LOCKS: "weakref.WeakKeyDictionary[Transformer, threading.Lock]" = weakref.WeakKeyDictionary()
 _MODEL_LOCKS_GUARD = threading.Lock()
+
+
+class _ModelLock:
+    """A model's lock: other threads wait for it; the thread holding it (e.g. inside an unfinished stream of the
+    model) gets an error, since it would otherwise wait for itself forever."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._owner: int | None = None  # only its owner can find its own id here, so reading it unlocked is safe
+
+    def __enter__(self) -> "_ModelLock":
+        if self._owner == threading.get_ident():
+            raise RuntimeError("this model is already generating on this thread (an unfinished stream?): exhaust "
+                               "or close() that stream before the next call")
+        self._lock.acquire()
+        self._owner = threading.get_ident()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._owner = None
+        self._lock.release()
+
+
+_MODEL_LOCKS: "weakref.WeakKeyDictionary[Transformer, _ModelLock]" = weakref.WeakKeyDictionary()
 
 
 class _TextRow:
@@ -88,7 +112,7 @@ class CodeLlama:
         self.model, self.tokenizer, self.args = model, tokenizer, model.args
         self.engine = Engine(model, cuda_graphs=cuda_graphs)
         with _MODEL_LOCKS_GUARD:
-            self._lock = _MODEL_LOCKS.setdefault(model, threading.Lock())
+            self._lock = _MODEL_LOCKS.setdefault(model, _ModelLock())
 
     @property
     def device(self) -> torch.device:
@@ -153,16 +177,19 @@ class CodeLlama:
                 if delta:
                     yield delta
 
-    def __call__(self, prompt: str, **kw) -> str:
+    def __call__(self, prompt: str, *, params: SamplingParams | None = None, **kw) -> str:
         """Pipeline style: a prompt with <FILL_ME> gives the prompt with the middle filled in; any other prompt
-        gives prompt + completion."""
+        gives the prompt continued by its completion."""
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
         fill = self.tokenizer.fill_token or "<FILL_ME>"
         if fill in prompt:
             prefix, suffix = _split_fill(prompt, fill)
-            return prefix + self.infill(prefix, suffix, **kw) + suffix
-        return prompt + self.complete(prompt, **kw)
+            return prefix + self.infill(prefix, suffix, params=params, **kw) + suffix
+        # Decoded as a continuation (the infill rule): complete() drops the leading space of the first new piece,
+        # as Meta's decode of a text on its own does, but here that space separates the prompt from the new text.
+        ids = self._ids("complete", prompt)
+        return prompt + self._texts([ids], "complete", _params(params, kw), detok="infill")[0]
 
     # ---- token API ----
     def generate(self, prompt_tokens: Sequence[Sequence[int]], *, stop_ids: Sequence[int] | None = None,
@@ -211,18 +238,22 @@ class CodeLlama:
             return [tok.eos_id, tok.step_id]
         return [tok.eos_id]
 
-    def _texts(self, prompts: list[list[int]], mode: str, sp: SamplingParams) -> list[str]:
+    def _texts(self, prompts: list[list[int]], mode: str, sp: SamplingParams,
+               detok: str | None = None) -> list[str]:
         out = [""] * len(prompts)
         with self._lock:
-            for row, delta in self._events(prompts, mode, sp):
+            for row, delta in self._events(prompts, mode, sp, detok):
                 out[row] += delta
         return out
 
-    def _events(self, prompts: list[list[int]], mode: str, sp: SamplingParams) -> Iterator[tuple[int, str]]:
+    def _events(self, prompts: list[list[int]], mode: str, sp: SamplingParams,
+                detok: str | None = None) -> Iterator[tuple[int, str]]:
         """(row, text delta) pairs as tokens arrive; the caller holds the lock. Closing this generator closes
-        the engine run, so an abandoned stream leaves the model ready for the next call."""
-        run = self.engine.run(prompts, sp, self._stop_ids(mode))
-        rows = [_TextRow(self.tokenizer, "infill" if mode == "infill" else "completion", sp.stop) for _ in prompts]
+        the engine run, so an abandoned stream leaves the model ready for the next call. detok: the
+        detokenizer mode, by default the mode's own ("infill" keeps a leading space, "completion" drops it)."""
+        run = self.engine.run(prompts, sp, self._stop_ids(mode), vocab=self.tokenizer.n_words)
+        detok = detok or ("infill" if mode == "infill" else "completion")
+        rows = [_TextRow(self.tokenizer, detok, sp.stop) for _ in prompts]
         try:
             for step in run:
                 for r, t in step:

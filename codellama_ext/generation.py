@@ -65,8 +65,9 @@ class SamplingParams:
                              f"got {self.repetition_penalty!r}")
         if not all(isinstance(s, str) and s for s in stop):
             raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not -2 ** 63 <= self.seed < 2 ** 64):
+            raise ValueError(f"seed must be an integer in [-2**63, 2**64) or None, got {self.seed!r}")
 
 
 def _is_real(x) -> bool:
@@ -180,8 +181,10 @@ class Engine:
         return out
 
     def run(self, prompts: Sequence[Sequence[int]], params: SamplingParams, stop_ids: Sequence[int],
-            logprobs: bool = False) -> "Run":
-        return Run(self, self.check_prompts(prompts), params, frozenset(stop_ids), logprobs)
+            logprobs: bool = False, vocab: int | None = None) -> "Run":
+        """vocab: pick only ids below it (a tokenizer with fewer pieces than the model has embedding rows, as
+        fine-tunes with a resized embedding have, cannot decode the rest); None: every id."""
+        return Run(self, self.check_prompts(prompts), params, frozenset(stop_ids), logprobs, vocab)
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, stop_ids: Sequence[int],
                  logprobs: bool = False) -> list[GenerationResult]:
@@ -197,9 +200,11 @@ class Run:
     the iterator early (or dropping it) leaves the engine usable: every run starts from a fresh prefill."""
 
     def __init__(self, engine: Engine, prompts: list[list[int]], params: SamplingParams, stop_ids: frozenset,
-                 logprobs: bool):
+                 logprobs: bool, vocab: int | None = None):
         self.engine, self.prompts, self.params, self.stop_ids = engine, prompts, params, stop_ids
         self.logprobs = logprobs
+        model_vocab = engine.model.args.vocab_size
+        self._vocab = None if vocab is None or vocab >= model_vocab else vocab
         self.results = [GenerationResult(logprobs=[] if logprobs else None) for _ in prompts]
         self._done = [False] * len(prompts)
         self._generator = None  # seeded: one per run, drawn from at every step
@@ -210,7 +215,8 @@ class Run:
         if params.temperature > 0:
             rows, dev = engine.model.max_batch_size, engine.model.device
             self._sample_args = (torch.full((rows,), params.temperature, dtype=torch.float32, device=dev),
-                                 torch.full((rows,), params.top_k, dtype=torch.int32, device=dev),
+                                 torch.full((rows,), min(params.top_k, model_vocab), dtype=torch.int32,
+                                            device=dev),
                                  torch.full((rows,), params.top_p, dtype=torch.float32, device=dev))
         self._steps = self._generate()
 
@@ -254,6 +260,8 @@ class Run:
         if seen is not None:  # HF RepetitionPenaltyLogitsProcessor
             rp = p.repetition_penalty
             logits = torch.where(seen, torch.where(logits < 0, logits * rp, logits / rp), logits)
+        if self._vocab is not None:
+            logits = logits[:, :self._vocab].contiguous()
         n = logits.shape[0]
         if p.temperature == 0:
             tok = ops.argmax(logits)

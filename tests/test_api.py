@@ -91,12 +91,17 @@ def test_infill_matches_transformers(llm, ref_infill, suffix_first):
     assert any(st for _, st in refs) and any(EOS in ref for ref, _ in refs)
 
 
-def test_pipeline_call(llm, ref_infill, expected_complete):
+def test_pipeline_call(llm, ref_infill, ref_complete):
+    tok = llm.tokenizer
     pre, suf = INFILL[0]
-    middle = llm.tokenizer.decode_infill(ref_infill[False][0][0])
+    middle = tok.decode_infill(ref_infill[False][0][0])
     assert llm(pre + "<FILL_ME>" + suf, max_new_tokens=N) == pre + middle + suf
     assert llm.infill(pre + "<FILL_ME>" + suf, max_new_tokens=N) == middle
-    assert llm(COMPLETE[0], max_new_tokens=N) == COMPLETE[0] + expected_complete[0]
+    # the whole text, as decoding prompt and new ids together gives it: a first new piece "▁x" keeps its space
+    # (complete() alone drops it, as Meta's decode of the new ids does)
+    for p, (ref, _) in zip(COMPLETE, ref_complete):
+        assert llm(p, max_new_tokens=N) == tok.decode_meta(tok.encode_meta(p, True, False) + ref)
+    assert any(tok.convert_ids_to_tokens(ref[0]).startswith("▁") for ref, _ in ref_complete)
 
 
 def test_chat_matches_transformers(llm, step_llm, hf):
@@ -145,6 +150,13 @@ def test_abandoned_stream_leaves_model_usable(llm, expected_complete):
     del s  # dropped mid-way: garbage collection closes it and releases the lock
     gc.collect()
     assert llm.complete(COMPLETE[3], max_new_tokens=N) == expected_complete[3]
+    # a call from inside one's own unfinished stream is refused (the lock would wait for itself forever)
+    s = llm.stream(COMPLETE[2], max_new_tokens=N)
+    next(s)
+    with pytest.raises(RuntimeError, match="already generating on this thread"):
+        llm.complete(COMPLETE[0], max_new_tokens=N)
+    s.close()
+    assert llm.complete(COMPLETE[0], max_new_tokens=N) == expected_complete[0]
 
 
 def test_concurrent_calls_serialise(llm, step_llm, expected_complete):
@@ -173,6 +185,19 @@ def test_params_bundle_equals_kwargs(llm):
     a = llm.complete(COMPLETE[0], params=sp)
     assert a == llm.complete(COMPLETE[0], max_new_tokens=12, temperature=0.9, top_k=20, seed=4)
     assert llm.complete(COMPLETE[0], params=sp, temperature=0.0) == llm.complete(COMPLETE[0], max_new_tokens=12)
+    # top_k beyond the vocabulary is top_k off; seeds span torch's range
+    assert llm.complete(COMPLETE[0], max_new_tokens=12, temperature=0.9, top_k=2 ** 40, seed=2 ** 64 - 1) == \
+        llm.complete(COMPLETE[0], max_new_tokens=12, temperature=0.9, top_k=0, seed=2 ** 64 - 1)
+
+
+def test_text_modes_pick_only_ids_the_tokenizer_has(llm, spm_models, hf):
+    # The base vocabulary has 1200 pieces, the model 1216 embedding rows (as a fine-tune with a resized
+    # embedding): the text API picks among the first 1200 logits, as transformers with the rest suppressed.
+    base = CodeLlama(llm.model, CodeLlamaTokenizer(spm_models["base"]))
+    ids = base.tokenizer.encode_meta("import", True, False)
+    assert max(base.generate([ids], max_new_tokens=N)[0].tokens) >= 1200  # unrestricted, it would pick one
+    ref, _ = hf_greedy(hf, ids, N, suppress_tokens=list(range(1200, 1216)))
+    assert base.complete("import", max_new_tokens=N) == base.tokenizer.decode_meta(ref)
 
 
 def test_errors(llm, spm_models, tmp_path, monkeypatch):
@@ -182,6 +207,8 @@ def test_errors(llm, spm_models, tmp_path, monkeypatch):
         llm.stream("x = 1\n" * 100)  # raised at the call, not at the first item
     with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
         llm.complete("x", temperature=-1)
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[-2\*\*63, 2\*\*64\)"):
+        llm.complete("x", temperature=1, seed=2 ** 64)
     with pytest.raises(ValueError, match=r"unknown sampling argument\(s\) \['temprature'\]"):
         llm.complete("x", temprature=0.5)
     with pytest.raises(ValueError, match="exactly once"):
