@@ -117,6 +117,8 @@ def test_decoder_layers_opcheck():
     (lambda a: a.update(x=a["x"][0]), r"x must be 2-D \[tokens, dim\]"),
     (lambda a: a["weights"].__setitem__(1, a["weights"][1][:D]), r"wqkv \(weights\[1\]\) must be"),
     (lambda a: a["weights"].__setitem__(7, a["weights"][7][:, :DIM // 2]), "linear_int8: qweight.shape"),
+    (lambda a: a["token_slots"].__setitem__(0, 7), r"slots\[0\] = 7 is beyond the number of cache slots Bc = 3"),
+    (lambda a: a["seq_lens"].__setitem__(1, 99), r"seq_lens\[1\] = 99 must be in \[1, S\] with S = 16"),
 ])
 def test_decoder_layers_errors(change, match):
     token_slots, positions, slots, attention = case("decode", "cpu")
@@ -128,3 +130,15 @@ def test_decoder_layers_errors(change, match):
     change(a)
     with pytest.raises(ValueError, match=match):
         ops.decoder_layers(**a)
+
+
+def test_index_checks_skipped_only_inside_the_call():
+    # decoder_layers checks the index values in its first layer only; afterwards every op checks them again
+    token_slots, positions, slots, attention = case("decode", "cpu")
+    weights, scales = layer_tensors(torch.float32, "cpu", quantize=False)
+    kc, vc = caches(torch.float32, "cpu", token_slots, positions)
+    ops.decoder_layers(torch.randn(len(positions), DIM), weights, scales, kc, vc, i32(positions, "cpu"),
+                       i32(token_slots, "cpu"), i32(slots, "cpu"), **attention)
+    k = torch.randn(1, HKV, D)
+    with pytest.raises(ValueError, match=r"slots\[0\] = 3 is beyond"):
+        ops.kv_cache_append(k, k, kc[0], vc[0], i32([3], "cpu"), i32([0], "cpu"))

@@ -59,8 +59,12 @@ int64_t check_query(const char* op, const at::Tensor& q, const KVCache& c, const
   return q.size(1);
 }
 
-// A CPU copy of an index tensor for value checks; nullopt while the CUDA stream is capturing (no sync allowed).
+thread_local bool index_values_checked = false;  // an IndexValuesChecked lives on this thread
+
+// A CPU copy of an index tensor for value checks; nullopt while the CUDA stream is capturing (no sync allowed) or
+// when the caller has checked the values already (IndexValuesChecked).
 std::optional<at::Tensor> host_values(const at::Tensor& t) {
+  if (index_values_checked) return std::nullopt;
   if (t.is_cpu()) return t;
 #ifdef CODELLAMA_WITH_CUDA
   // the current stream of t's device (not of the current device), as in c10::cuda::currentStreamCaptureStatus
@@ -83,6 +87,9 @@ void check_range(const char* op, const char* arg, const at::Tensor& host, int64_
 HeadsView heads_view(const at::Tensor& t) { return HeadsView{t.data_ptr(), t.stride(0), t.stride(1)}; }
 
 }  // namespace
+
+IndexValuesChecked::IndexValuesChecked() : previous_(index_values_checked) { index_values_checked = true; }
+IndexValuesChecked::~IndexValuesChecked() { index_values_checked = previous_; }
 
 // k, v [T, Hkv, D] (last dim contiguous); caches [Bc, S, Hkv, D]; slots, positions [T] int32
 void kv_cache_append(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,

@@ -1,6 +1,7 @@
 // Binding of decoder_layers: the model's layer loop (codellama_ext/model.py) in C++, so that a forward pass costs
 // one dispatch from Python instead of ~13 per layer. Each layer calls the other ops' entry points directly (not
-// through the dispatcher), so every kernel input is still validated by its own op. On the 2-core CPU of
+// through the dispatcher), so every kernel input is still validated by its own op; the index tensors' values
+// (positions, slots, lengths: the same in every layer) only in the first layer. On the 2-core CPU of
 // benchmarks/RESULTS.md the Python loop cost 3-4 ms per decode step of a 22-layer model (4-6 us per op call,
 // more per nn.Module call), 5-10% of a 1.1B-shaped step.
 #include <cmath>
@@ -55,6 +56,7 @@ std::tuple<at::Tensor, at::Tensor> decoder_layers(const at::Tensor& x, at::Tenso
   const double scale = 1.0 / std::sqrt(static_cast<double>(D));
 
   at::Tensor h, residual, hidden = x;
+  std::optional<IndexValuesChecked> checked;
   for (int64_t i = 0; i < L; ++i) {
     const at::Tensor* w = weights.data() + kTensorsPerLayer * i;
     const auto project = [&](const at::Tensor& in, int64_t matrix, const at::Tensor& weight) {
@@ -77,6 +79,7 @@ std::tuple<at::Tensor, at::Tensor> decoder_layers(const at::Tensor& x, at::Tenso
                                    : attention_prefill(q, kc, vc, *cu_seqlens, *start_pos, slots, max_query_len, scale);
     std::tie(h, residual) = fused_add_rms_norm(project(attn.view({T, Hq * D}), 1, w[2]), residual, w[3], eps);
     hidden = project(silu_and_mul(project(h, 2, w[4])), 3, w[5]);
+    if (i == 0) checked.emplace();  // layer 0's ops checked the index values against caches of every layer's shape
   }
   return {hidden, residual};
 }

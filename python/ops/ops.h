@@ -27,6 +27,20 @@ at::Tensor attention_prefill(const at::Tensor& q, const at::Tensor& k_cache, con
 at::Tensor attention_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& slots, const at::Tensor& seq_lens, double scale);
 
+// While one lives on a thread, the three ops above skip the value checks of their index tensors (slots, positions,
+// lengths; on CUDA each check copies to the host and synchronises). For callers that have just passed the same
+// index tensors through the same ops over caches of the same shape: decoder_layers after its first layer.
+class IndexValuesChecked {
+ public:
+  IndexValuesChecked();
+  ~IndexValuesChecked();
+  IndexValuesChecked(const IndexValuesChecked&) = delete;
+  IndexValuesChecked& operator=(const IndexValuesChecked&) = delete;
+
+ private:
+  bool previous_;
+};
+
 // activation.cpp
 at::Tensor silu_and_mul(const at::Tensor& x);
 
