@@ -302,8 +302,10 @@ class Checkpoint:
             try:
                 with open(index, encoding="utf-8") as fh:
                     weight_map = json.load(fh)["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index}: not a valid index (needs a 'weight_map' object): {e}") from None
+            if not (isinstance(weight_map, dict) and all(isinstance(f, str) for f in weight_map.values())):
+                raise CheckpointError(f"{index}: 'weight_map' must map each tensor name to a file name")
             files = sorted({os.path.join(self.path, f) for f in weight_map.values()})
             for f in files:
                 if not os.path.isfile(f):

@@ -13,16 +13,19 @@ Generation commands read the prompt from stdin when it is '-' or absent and stdi
 text to stdout as it is generated, and show a loading progress line on stderr when stderr is a terminal.
 
 Every user error is one line on stderr, `codellama-ext: error: ...`: exit status 2 for a bad command line
-(argparse), 1 for anything else (missing folder, CheckpointError, ConfigError, I/O). Set CODELLAMA_EXT_DEBUG=1 to
-get the traceback instead. New subcommands register themselves in `_COMMANDS` (one `_add_<name>` function each).
+(argparse), 1 for anything else (missing folder, CheckpointError, ConfigError, I/O, out of memory), 130 for Ctrl-C.
+Output cut short by its reader (`| head`) ends quietly with status 141, as SIGPIPE would. Set CODELLAMA_EXT_DEBUG=1
+to get the traceback instead. New subcommands register themselves in `_COMMANDS` (one `_add_<name>` function each).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
+import signal
 import sys
 from typing import Callable, Sequence
 
@@ -257,6 +260,25 @@ def _device(s: str) -> str:
     return s
 
 
+def _check_utf8(text: str, what: str) -> str:
+    """text, unless it came from bytes that are not UTF-8: Python decodes argv and stdin with surrogateescape, and
+    the tokenizer cannot encode the lone surrogates that leaves."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise CLIError(f"{what} is not valid UTF-8 (byte 0x{ord(text[e.start]) - 0xDC00:02x} at character "
+                       f"{e.start})") from None
+    return text
+
+
+def _text(s: str) -> str:
+    """An argparse type for text given to the model."""
+    try:
+        return _check_utf8(s, "the text")
+    except CLIError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _model_arguments(p) -> None:
     p.add_argument("--model", default=None,
                    help="model folder, Meta or HF format, with tokenizer.model (default: the embedded model)")
@@ -282,7 +304,7 @@ def _sampling_arguments(p) -> None:
                    type=_float_in(0, float("inf"), lo_open=True, hi_open=True), default=1.0,
                    help="> 1 discourages repeating tokens (default 1.0: off)")
     p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible (same device and dtype)")
-    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+    p.add_argument("--stop", action="append", type=_text, default=None, metavar="TEXT",
                    help="stop when this text is generated (repeatable; the text is not printed)")
 
 
@@ -297,7 +319,8 @@ def _add_complete(sub) -> None:
     p = _generation_parser(sub, "complete", help="continue a prompt (code completion)",
                            description="Prints the model's continuation of PROMPT as it is generated. Stops at "
                                        "the end-of-sequence token, a --stop text, or --max-new-tokens.")
-    p.add_argument("prompt", nargs="?", default=None, metavar="PROMPT", help="the prompt; '-' or absent: stdin")
+    p.add_argument("prompt", nargs="?", type=_text, default=None, metavar="PROMPT",
+                   help="the prompt; '-' or absent: stdin")
     p.set_defaults(func=_run_complete)
 
 
@@ -306,9 +329,10 @@ def _add_infill(sub) -> None:
                            description="Prints the code that belongs at <FILL_ME> in TEXT (or between TEXT and "
                                        "--suffix) as it is generated; --whole prints TEXT with the filling in "
                                        "place. Needs a model with infilling tokens (7B/13B, not 34B or -Python).")
-    p.add_argument("text", nargs="?", default=None, metavar="TEXT",
+    p.add_argument("text", nargs="?", type=_text, default=None, metavar="TEXT",
                    help="code containing <FILL_ME> once, or the prefix when --suffix is given; '-' or absent: stdin")
-    p.add_argument("--suffix", default=None, help="the code after the gap (then TEXT is the code before it)")
+    p.add_argument("--suffix", type=_text, default=None,
+                   help="the code after the gap (then TEXT is the code before it)")
     p.add_argument("--suffix-first", "--suffix_first", dest="suffix_first", action="store_true",
                    help="suffix-prefix-middle prompt order (SPM) instead of prefix-suffix-middle")
     p.add_argument("--whole", action="store_true", help="print the whole text with the gap filled")
@@ -320,8 +344,9 @@ def _add_chat(sub) -> None:
                            description="Without --message: an interactive chat when stdin is a terminal (/exit "
                                        "or Ctrl-D ends it, /reset forgets the conversation), else one turn with "
                                        "stdin as the message. With --message: one turn, the reply printed.")
-    p.add_argument("--message", default=None, help="one user message ('-': stdin); prints the reply and exits")
-    p.add_argument("--system", default=None, help="a system prompt")
+    p.add_argument("--message", type=_text, default=None,
+                   help="one user message ('-': stdin); prints the reply and exits")
+    p.add_argument("--system", type=_text, default=None, help="a system prompt")
     p.set_defaults(func=_run_chat)
 
 
@@ -331,15 +356,21 @@ def _read_input(value: str | None, what: str) -> str:
         return value
     if value is None and sys.stdin.isatty():
         raise CLIError(f"{what}: give it as an argument or pipe it on stdin")
-    return sys.stdin.read()
+    return _check_utf8(sys.stdin.read(), f"{what} (stdin)")
 
 
 def _resolve_device(ns) -> str:
-    """--device, or cuda when present, else cpu; a CUDA device that is not there is a user error."""
+    """--device, or cuda when there is a GPU and this build has CUDA kernels, else cpu; a CUDA device that is not
+    there, or a CPU-only build asked for one, is a user error."""
     import torch
-    device = ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"--device {device}: no CUDA device is available")
+    from . import _C
+    device = ns.device or ("cuda" if torch.cuda.is_available() and _C.with_cuda else "cpu")
+    if torch.device(device).type == "cuda":
+        if not torch.cuda.is_available():
+            raise CLIError(f"--device {device}: no CUDA device is available")
+        if not _C.with_cuda:
+            raise CLIError(f"--device {device}: this build of codellama_ext has no CUDA kernels (it was built "
+                           f"without a CUDA toolkit or with CODELLAMA_CPU_ONLY=1; reinstall to get them)")
     return device
 
 
@@ -416,6 +447,11 @@ def _run_chat(ns) -> int:
             return 0
         if not message.strip():
             continue
+        try:
+            _check_utf8(message, "the message")
+        except CLIError as e:  # a typo on the terminal ends neither the chat nor its history
+            print(f"{PROG}: {e}", file=sys.stderr)
+            continue
         if message.strip() == "/exit":
             return 0
         if message.strip() == "/reset":
@@ -488,6 +524,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    """torch reports a failed CUDA allocation as OutOfMemoryError but a failed CPU one as a plain RuntimeError."""
+    import torch
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -498,10 +540,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .config import ConfigError
     try:
         return ns.func(ns)
-    except (CLIError, CheckpointError, ConfigError, OSError, ValueError) as e:
-        if os.environ.get("CODELLAMA_EXT_DEBUG"):
+    except BrokenPipeError:
+        # The reader went away (`| head`): no error to report. Exit as a process killed by SIGPIPE would, with
+        # stdout on /dev/null so that the interpreter's last flush of the unwritten text does not fail again.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+    except (CLIError, CheckpointError, ConfigError, OSError, ValueError, MemoryError, RuntimeError) as e:
+        if os.environ.get("CODELLAMA_EXT_DEBUG") or (isinstance(e, RuntimeError) and not _out_of_memory(e)):
             raise
         msg = " ".join(str(e).split()) or type(e).__name__
+        if _out_of_memory(e):
+            msg = (f"out of memory ({msg}); a smaller --max-seq-len, --quantize int8 or a 16-bit --dtype needs "
+                   f"less ('{PROG} memory' estimates it)")
         print(f"{PROG}: error: {msg}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

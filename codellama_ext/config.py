@@ -44,6 +44,7 @@ class ModelArgs:
         if self.n_kv_heads is None:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
         if self.ffn_hidden is None:
+            self._check_positive_ints("dim", "multiple_of")  # before the formula computes with them
             object.__setattr__(self, "ffn_hidden",
                                ffn_hidden_size(self.dim, self.multiple_of, self.ffn_dim_multiplier))
         self.validate()
@@ -61,13 +62,14 @@ class ModelArgs:
     def qkv_rows(self) -> int:
         return (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
 
-    def validate(self) -> None:
-        def positive_int(name):
+    def _check_positive_ints(self, *names: str) -> None:
+        for name in names:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ConfigError(f"ModelArgs.{name} must be a positive integer, got {v!r}")
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "multiple_of"):
-            positive_int(name)
+
+    def validate(self) -> None:
+        self._check_positive_ints("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "multiple_of")
         if self.dim % self.n_heads:
             raise ConfigError(f"n_heads ({self.n_heads}) must divide dim ({self.dim})")
         if self.head_dim % 2:
@@ -108,9 +110,9 @@ class ModelArgs:
         kw["vocab_size"] = _resolve_vocab(where, kw.get("vocab_size", -1), vocab_size)
         for k in ("norm_eps", "rope_theta"):
             if k in kw:
-                kw[k] = float(kw[k])
+                kw[k] = _number(where, k, kw[k])
         if kw.get("ffn_dim_multiplier") is not None:
-            kw["ffn_dim_multiplier"] = float(kw["ffn_dim_multiplier"])
+            kw["ffn_dim_multiplier"] = _number(where, "ffn_dim_multiplier", kw["ffn_dim_multiplier"])
         try:
             return cls(**kw)
         except ConfigError as e:
@@ -147,7 +149,7 @@ class ModelArgs:
                   n_heads=config["num_attention_heads"], n_kv_heads=config.get("num_key_value_heads"),
                   ffn_hidden=config["intermediate_size"],
                   vocab_size=_resolve_vocab(where, config.get("vocab_size") or -1, vocab_size),
-                  norm_eps=float(config.get("rms_norm_eps", 1e-5)),
+                  norm_eps=_number(where, "rms_norm_eps", config.get("rms_norm_eps", 1e-5)),
                   rope_theta=rope_theta)
         try:
             return cls(**kw)
@@ -201,11 +203,19 @@ def _hf_rope_theta(where: str, config: dict[str, Any]) -> float:
         if not isinstance(rp, dict) or rp.get("rope_type", "default") != "default":
             raise ConfigError(f"{where}: rope_parameters {rp!r} is not supported (CodeLlama uses the default RoPE)")
         if "rope_theta" in rp:
-            if theta is not None and float(theta) != float(rp["rope_theta"]):
+            inner = _number(where, "rope_parameters.rope_theta", rp["rope_theta"])
+            if theta is not None and _number(where, "rope_theta", theta) != inner:
                 raise ConfigError(f"{where}: rope_theta {theta} disagrees with rope_parameters.rope_theta "
                                   f"{rp['rope_theta']}")
-            theta = rp["rope_theta"]
-    return float(10000.0 if theta is None else theta)
+            theta = inner
+    return 10000.0 if theta is None else _number(where, "rope_theta", theta)
+
+
+def _number(where: str, key: str, value: Any) -> float:
+    """A JSON number as a float; anything else (a string, null) is a ConfigError naming the file and the key."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where}: {key} must be a number, got {value!r}")
+    return float(value)
 
 
 def _resolve_vocab(where: str, declared: Any, observed: int | None) -> int:

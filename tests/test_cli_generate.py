@@ -197,6 +197,16 @@ def test_chat_interactive_keeps_the_conversation(folders, llm, capsys, monkeypat
     assert (rc, out) == (0, ">>> ")
 
 
+def test_chat_interactive_skips_a_line_that_is_not_utf8(folders, llm, capsys, monkeypatch):
+    """A terminal in another encoding: the line is refused with a note, the chat goes on."""
+    q1 = "Write hello world in C."
+    a1 = llm.chat([{"role": "user", "content": q1}], max_new_tokens=6)
+    rc, out, err = run_cli(capsys, monkeypatch, "chat", *on_cpu(folders["infill"]), "--max-new-tokens", 6,
+                           stdin=f"caf\udce9\n{q1}\n", tty=True)
+    assert (rc, out) == (0, f">>> >>> {a1}\n>>> ")
+    assert "the message is not valid UTF-8 (byte 0xe9 at character 3)" in err
+
+
 # ---- errors: one line, exit 1 (found while running) or 2 (bad command line) ----
 @pytest.mark.parametrize("argv, status, words", [
     (["complete", "x", "--model", "/no/such/folder"], 1, ["--model", "no such folder"]),
@@ -210,6 +220,9 @@ def test_chat_interactive_keeps_the_conversation(folders, llm, capsys, monkeypat
     (["chat", "--bogus"], 2, ["--bogus"]),
     (["bench", "--shape", "huge"], 1, ["--shape", "huge"]),
     (["bench", "--new-tokens", "1"], 1, ["--new-tokens"]),
+    # argv bytes that are not UTF-8 reach Python as lone surrogates, which the tokenizer cannot encode
+    (["complete", "def f(\udcff):"], 2, ["PROMPT", "not valid UTF-8", "0xff"]),
+    (["infill", "x", "--suffix", "\udce9"], 2, ["--suffix", "not valid UTF-8"]),
 ])
 def test_bad_flags_are_one_line(argv, status, words, capsys, monkeypatch):
     rc, out, err = run_cli(capsys, monkeypatch, *argv)
@@ -234,6 +247,51 @@ def test_errors_found_while_running(folders, capsys, monkeypatch):
     rc, _, err = run_cli(capsys, monkeypatch, "infill", GAP, *on_cpu(folders["base"]))
     assert rc == 1
     one_line_error(err, "infill")
+    rc, _, err = run_cli(capsys, monkeypatch, "complete", *on_cpu(m), stdin="x = '\udce9t\udce9'\n")  # Latin-1 on stdin
+    assert rc == 1
+    one_line_error(err, "PROMPT (stdin)", "not valid UTF-8", "0xe9")
+
+
+def test_cpu_only_build_on_a_gpu_machine(folders, capsys, monkeypatch):
+    # a GPU but an extension built without CUDA kernels: the default device is the CPU; asking for cuda is one line
+    from codellama_ext import _C
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(_C, "with_cuda", False)
+    rc, out, _ = run_cli(capsys, monkeypatch, "complete", CODE, "--model", folders["infill"], "--dtype", "float32",
+                         "--max-new-tokens", "4")
+    assert rc == 0 and out
+    rc, _, err = run_cli(capsys, monkeypatch, "complete", CODE, "--model", folders["infill"], "--device", "cuda")
+    assert rc == 1
+    one_line_error(err, "--device cuda", "no CUDA kernels")
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                 "tried to allocate 6144000000000 bytes. Error code 12 (Cannot allocate memory)"),
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB.\nSee documentation for Memory Management"),
+], ids=["cpu", "cuda"])
+def test_out_of_memory_is_one_line(error, capsys, monkeypatch):
+    """A model or --max-seq-len too big for the memory: torch raises a RuntimeError (CPU) or OutOfMemoryError
+    (CUDA) while allocating the weights or the KV cache. Raised here without allocating anything."""
+    from codellama_ext.api import CodeLlama
+
+    def allocate(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(CodeLlama, "from_pretrained", allocate)
+    rc, out, err = run_cli(capsys, monkeypatch, "complete", CODE, "--device", "cpu")
+    assert rc == 1 and out == ""
+    one_line_error(err, "out of memory", "--max-seq-len", "--quantize int8")
+
+
+def test_output_closed_by_its_reader_ends_quietly(folders):
+    """`codellama-ext complete ... | head -c 1`: the reader is gone before the first write, so the write fails with
+    EPIPE. That is not an error to report: no message, the status of a process killed by SIGPIPE."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.Popen([sys.executable, "-m", "codellama_ext.cli", "complete", CODE, *on_cpu(folders["infill"]),
+                          "--max-new-tokens", "8"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert (p.wait(timeout=120), err) == (141, "")
 
 
 # ---- benchmark ----

@@ -130,6 +130,12 @@ def test_hf_config_rope_parameters():
     ({"dim": 64, "n_layers": 2, "n_heads": 4, "sliding_window": 3}, "unknown key"),
     ({"dim": 64, "n_heads": 4}, "missing required key 'n_layers'"),
     ({"dim": 64, "n_layers": 2, "n_heads": 4, "vocab_size": 100}, "disagrees with the checkpoint"),
+    # wrong JSON types: a ConfigError naming the key, not a TypeError from the FFN formula or float()
+    ({"dim": "64", "n_layers": 2, "n_heads": 4}, "dim must be a positive integer, got '64'"),
+    ({"dim": 64, "n_layers": 2, "n_heads": 4, "multiple_of": None}, "multiple_of must be a positive integer"),
+    ({"dim": 64, "n_layers": 2, "n_heads": 4, "rope_theta": None}, "rope_theta must be a number, got None"),
+    ({"dim": 64, "n_layers": 2, "n_heads": 4, "norm_eps": "1e-5"}, "norm_eps must be a number"),
+    ({"dim": 64, "n_layers": 2, "n_heads": 4, "ffn_dim_multiplier": "1.3"}, "ffn_dim_multiplier must be a number"),
 ])
 def test_config_errors(params, match):
     with pytest.raises(ConfigError, match=match):
@@ -428,13 +434,33 @@ def _bad(case, folders, tmp_path):
         d = _copy(folders("gqa", "hf"), tmp_path / "m")
         _edit_json(os.path.join(d, "config.json"), lambda cfg: cfg.update(num_key_value_heads=3))
         return d, r"config\.json: n_kv_heads \(3\) must divide n_heads \(4\)"
+    if case == "hf config not a number":
+        d = _copy(folders("gqa", "hf"), tmp_path / "m")
+        _edit_json(os.path.join(d, "config.json"), lambda cfg: cfg.update(rms_norm_eps=None))
+        return d, r"config\.json: rms_norm_eps must be a number, got None"
+    if case == "meta params not a number":
+        d = _copy(folders("gqa", "meta1"), tmp_path / "m")
+        _edit_json(os.path.join(d, "params.json"), lambda params: params.update(rope_theta="1e6"))
+        return d, r"params\.json: rope_theta must be a number, got '1e6'"
+    if case == "hf index weight_map not a dict":
+        d = _copy(folders("gqa", "hf-sharded"), tmp_path / "m")
+        _edit_json(os.path.join(d, "model.safetensors.index.json"),
+                   lambda idx: idx.update(weight_map=sorted(set(idx["weight_map"].values()))))
+        return d, r"model\.safetensors\.index\.json: 'weight_map' must map each tensor name to a file name"
+    if case == "hf index file name not a string":
+        d = _copy(folders("gqa", "hf-sharded"), tmp_path / "m")
+        _edit_json(os.path.join(d, "model.safetensors.index.json"),
+                   lambda idx: idx["weight_map"].update({"model.norm.weight": None}))
+        return d, r"model\.safetensors\.index\.json: 'weight_map' must map each tensor name to a file name"
     raise AssertionError(case)
 
 
 BAD_CASES = ["neither", "no params.json", "no config.json", "meta missing tensor", "meta extra tensor",
              "meta misnamed tensor", "meta wrong shape", "ffn disagrees", "shard missing", "shard gap",
              "meta truncated", "hf truncated", "pickle not tensors", "pickle plain object", "meta unknown dtype",
-             "hf unknown dtype", "hf wrong shape", "hf misnamed", "hf index lists missing file", "hf bad config"]
+             "hf unknown dtype", "hf wrong shape", "hf misnamed", "hf index lists missing file", "hf bad config",
+             "hf config not a number", "meta params not a number", "hf index weight_map not a dict",
+             "hf index file name not a string"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)

@@ -73,6 +73,17 @@ def test_quick_start_prints_what_readme_says(scratch):
     assert "`unittest.main()` under the main guard" in README
 
 
+def test_memory_total_is_what_readme_says(capsys):
+    """README quotes the total of its `memory` command (7B, fp16, 16k context); the command must print it."""
+    from codellama_ext.cli import main
+    said = re.search(r"7B, fp16, 16k context: ([0-9.]+) GiB in all", README)
+    line = next(x for x in shell_lines() if x.startswith("codellama-ext memory "))
+    assert said and "--model-size 7B --dtype float16 --context 16384" in line
+    assert main(line.split("#")[0].split()[1:]) == 0
+    total = float(re.search(r"^\s*total\s+([0-9.]+) GiB$", capsys.readouterr().out, re.M).group(1))
+    assert f"{total:.1f}" == said.group(1), (total, said.group(1))
+
+
 def test_shell_commands(scratch):
     d, env = scratch
     lines = shell_lines()
