@@ -53,7 +53,7 @@ std::tuple<at::Tensor, at::Tensor> decoder_layers(const at::Tensor& x, at::Tenso
                   "wqkv (weights[1]) must be [(q_heads + 2 kv_heads) head_dim, dim] with the caches' kv_heads (", Hkv,
                   ") and head_dim (", D, "), got shape ", weights[1].sizes());
   const int64_t Hq = weights[1].size(0) / D - 2 * Hkv;
-  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+  const double scale = std::pow(static_cast<double>(D), -0.5);  // as ops.attention_*: head_dim ** -0.5
 
   at::Tensor h, residual, hidden = x;
   std::optional<IndexValuesChecked> checked;
