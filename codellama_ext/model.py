@@ -95,9 +95,12 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(args, dtype, device, quantize) for _ in range(args.n_layers))
         self.register_buffer("norm", torch.empty(args.dim, dtype=dtype, device=device))
         self.output = Linear(args.vocab_size, args.dim, dtype, device, quantize)
+        # Empty, not zeros: every position is written before it is read (the attention tests poison unwritten rows
+        # with NaN), and on the CPU the untouched pages of a fresh allocation take no memory, so a cache sized for
+        # 8 x 4096 positions (16 GiB for 7B) costs RAM only as positions fill.
         cache_shape = (args.n_layers, max_batch_size, max_seq_len, args.n_kv_heads, args.head_dim)
-        self.register_buffer("k_cache", torch.zeros(cache_shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(cache_shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("k_cache", torch.empty(cache_shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.empty(cache_shape, dtype=dtype, device=device), persistent=False)
         self._layer_lists = None
 
     @property
@@ -344,7 +347,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
 def estimate_memory(args: ModelArgs, dtype: torch.dtype = torch.float16, context: int = 2048, batch: int = 1,
                     quantize: str | None = None, prefill_chunk: int | None = None) -> dict[str, int]:
     """Bytes this engine allocates for a model: weights (as load_model stores them: fused, int8 + float32 row
-    scales when quantized), the KV cache (batch x context), and working memory of one forward over
+    scales when quantized), the KV cache (batch x context; full, as on a GPU: on the CPU its pages are committed
+    as positions fill), and working memory of one forward over
     prefill_chunk tokens (default: the whole context) - the largest live activations plus float32 logits."""
     elt = torch.empty((), dtype=dtype).element_size()
     D, F, V, L = args.dim, args.ffn_hidden, args.vocab_size, args.n_layers
