@@ -530,7 +530,6 @@ def test_estimate_memory_matches_allocation(quantize):
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="resident memory read from Linux's /proc")
 def test_cpu_kv_cache_takes_memory_as_it_fills():
     # 256 MiB of cache (8 slots x 64k positions) for a 2-layer model: allocated, not touched, until written
-    from codellama_ext.config import ModelArgs
     from codellama_ext.model import Transformer
 
     def resident_mib():
