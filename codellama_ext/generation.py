@@ -26,9 +26,15 @@ from .model import Transformer
 __all__ = ["SamplingParams", "GenerationResult", "Engine", "Run"]
 
 
+# The sampler divides fp32 logits by the temperature: under 1e-30 logits of magnitude 3.4e8 would overflow to inf
+# (inf - inf = NaN probabilities), and at such temperatures sampling is the argmax anyway.
+_MIN_SAMPLING_TEMPERATURE = 1e-30
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens. temperature 0 = greedy; top_k 0 = off; top_p 1 = off (Meta's rule: drop the tokens whose
+    """How to pick tokens. temperature 0 = greedy (and below 1e-30, where logits / temperature could overflow fp32:
+    the limit of sampling as the temperature goes to 0 is the argmax); top_k 0 = off; top_p 1 = off (Meta's rule: drop the tokens whose
     probability mass before them exceeds top_p); repetition_penalty as HF's (logits of every token already in the
     prompt or output divided by it when positive, multiplied when negative); stop: strings that end the text (the
     text before the first one is returned); seed: reproducible sampling on one device and dtype."""
@@ -68,6 +74,11 @@ class SamplingParams:
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
                                       or not -2 ** 63 <= self.seed < 2 ** 64):
             raise ValueError(f"seed must be an integer in [-2**63, 2**64) or None, got {self.seed!r}")
+
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < _MIN_SAMPLING_TEMPERATURE
 
 
 def _is_real(x) -> bool:
@@ -208,11 +219,11 @@ class Run:
         self.results = [GenerationResult(logprobs=[] if logprobs else None) for _ in prompts]
         self._done = [False] * len(prompts)
         self._generator = None  # seeded: one per run, drawn from at every step
-        if params.temperature > 0 and params.seed is not None:
+        if not params.greedy and params.seed is not None:
             self._generator = torch.Generator(device=engine.model.device)
             self._generator.manual_seed(params.seed)
         self._sample_args = None  # per-row temperature / top-k / top-p, built once, sliced to the live rows
-        if params.temperature > 0:
+        if not params.greedy:
             rows, dev = engine.model.max_batch_size, engine.model.device
             self._sample_args = (torch.full((rows,), params.temperature, dtype=torch.float32, device=dev),
                                  torch.full((rows,), min(params.top_k, model_vocab), dtype=torch.int32,
@@ -263,7 +274,7 @@ class Run:
         if self._vocab is not None:
             logits = logits[:, :self._vocab].contiguous()
         n = logits.shape[0]
-        if p.temperature == 0:
+        if p.greedy:
             tok = ops.argmax(logits)
         else:
             temperature, top_k, top_p = (a[:n] for a in self._sample_args)

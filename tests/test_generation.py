@@ -151,6 +151,15 @@ def test_top_k_1_equals_greedy_and_seeded_sampling_reproduces(engine, expected):
     assert [r.tokens for r in a] != [r.tokens for r in greedy]
 
 
+@pytest.mark.parametrize("temperature", [1e-45, 1e-35, 1e-20])
+def test_vanishing_temperature_is_greedy(engine, temperature):
+    # 1e-45 is an fp32 subnormal: logits / T overflowed to inf - inf = NaN; 1e-20 still takes the sampler's path
+    prompts = random_prompts(2)
+    greedy = engine.generate(prompts, SamplingParams(max_new_tokens=N_NEW), [EOS])
+    cold = engine.generate(prompts, SamplingParams(max_new_tokens=N_NEW, temperature=temperature, seed=1), [EOS])
+    assert [r.tokens for r in cold] == [r.tokens for r in greedy]
+
+
 def test_window_end_and_prompt_too_long(folder, hf):
     small = Engine(load_model(folder, dtype=torch.float32, max_seq_len=16, max_batch_size=2))
     p = random_prompts(1, lengths=(10,))[0]
