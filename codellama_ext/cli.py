@@ -531,6 +531,14 @@ def _out_of_memory(e: BaseException) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:  # from the start: torch's import alone takes seconds, and Ctrl-C then must not print a traceback
+        return _run(argv)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     try:
         ns = parser.parse_args(argv)
@@ -555,9 +563,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                    f"less ('{PROG} memory' estimates it)")
         print(f"{PROG}: error: {msg}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

@@ -294,6 +294,26 @@ def test_output_closed_by_its_reader_ends_quietly(folders):
     assert (p.wait(timeout=120), err) == (141, "")
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="watches the process's mapped libraries in /proc")
+def test_interrupt_while_torch_loads_is_one_line(folders):
+    """Ctrl-C in the seconds torch's import takes (before any model work): the same one line and status 130 as an
+    interrupt later, not a traceback from inside the import."""
+    import signal
+    import time
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.Popen([sys.executable, "-m", "codellama_ext.cli", "complete", CODE, *on_cpu(folders["infill"]),
+                          "--max-new-tokens", "64"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    deadline = time.monotonic() + 60
+    while p.poll() is None and time.monotonic() < deadline:
+        with open(f"/proc/{p.pid}/maps") as maps:
+            if "libtorch" in maps.read():  # torch's import has begun: main() runs, no model work yet
+                break
+        time.sleep(0.005)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert (p.returncode, err.decode()) == (130, "codellama-ext: interrupted\n")
+
+
 # ---- benchmark ----
 def test_benchmark_checkpoint_is_the_same_model_for_both(tmp_path):
     """The random Meta folder the benchmark writes, read by our loader and by transformers: same logits."""
