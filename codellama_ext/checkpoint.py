@@ -17,6 +17,7 @@ import pickle
 import re
 import shutil
 import tempfile
+import zipfile
 from typing import Iterator
 
 import torch
@@ -109,6 +110,12 @@ def permute_for_meta(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 # ---- format detection ----
+def _glob(folder: str, pattern: str) -> list[str]:
+    """Sorted matches of pattern in folder; the folder name is escaped, so "CodeLlama-7b [v2]" is not a
+    character class that matches nothing."""
+    return sorted(glob.glob(os.path.join(glob.escape(folder), pattern)))
+
+
 def detect_format(path: str | os.PathLike) -> str:
     """"meta" (params.json + consolidated.*.pth) or "hf" (config.json + weights); CheckpointError otherwise."""
     path = os.fspath(path)
@@ -116,9 +123,8 @@ def detect_format(path: str | os.PathLike) -> str:
         raise CheckpointError(f"{path}: not a directory (expected a Meta or HF checkpoint folder)")
     has_params = os.path.isfile(os.path.join(path, "params.json"))
     has_config = os.path.isfile(os.path.join(path, "config.json"))
-    has_pth = bool(glob.glob(os.path.join(path, "consolidated.*.pth")))
-    has_hf_weights = bool(glob.glob(os.path.join(path, "*.safetensors")) or
-                          glob.glob(os.path.join(path, "pytorch_model*.bin")))
+    has_pth = bool(_glob(path, "consolidated.*.pth"))
+    has_hf_weights = bool(_glob(path, "*.safetensors") or _glob(path, "pytorch_model*.bin"))
     if has_params and (has_pth or not has_config):
         return "meta"
     if has_config and (has_hf_weights or not has_pth):
@@ -133,9 +139,11 @@ def detect_format(path: str | os.PathLike) -> str:
 
 # ---- file readers ----
 def _torch_load(file: str) -> dict[str, torch.Tensor]:
-    """torch.load with mmap and weights_only; a dict of str -> tensor, else CheckpointError naming the file."""
+    """torch.load with weights_only; a dict of str -> tensor, else CheckpointError naming the file. Memory-mapped
+    for the zip format (torch >= 1.6, Meta's and HF's files); the older tar/pickle format cannot be mapped
+    (torch.load refuses mmap=True for it), so such a file is read into memory, still with weights_only."""
     try:
-        obj = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+        obj = torch.load(file, map_location="cpu", mmap=zipfile.is_zipfile(file), weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{file}: refused to load: the pickle holds objects other than plain tensors "
                               f"(only weights_only loading is allowed): {str(e).splitlines()[0]}") from None
@@ -222,7 +230,7 @@ class Checkpoint:
     # -- Meta --
     def _open_meta(self) -> None:
         params_file = os.path.join(self.path, "params.json")
-        files = sorted(glob.glob(os.path.join(self.path, "consolidated.*.pth")))
+        files = _glob(self.path, "consolidated.*.pth")
         if not files:
             raise CheckpointError(f"{self.path}: params.json found but no consolidated.NN.pth shard")
         for i, f in enumerate(files):
@@ -293,8 +301,8 @@ class Checkpoint:
         self._where: dict[str, tuple[object, str]] = {}
         st_index = os.path.join(self.path, "model.safetensors.index.json")
         bin_index = os.path.join(self.path, "pytorch_model.bin.index.json")
-        st_files = sorted(glob.glob(os.path.join(self.path, "*.safetensors")))
-        bin_files = sorted(glob.glob(os.path.join(self.path, "pytorch_model*.bin")))
+        st_files = _glob(self.path, "*.safetensors")
+        bin_files = _glob(self.path, "pytorch_model*.bin")
         index = st_index if os.path.isfile(st_index) else bin_index if os.path.isfile(bin_index) and not st_files \
             else None
         weight_map = None
@@ -350,7 +358,9 @@ class Checkpoint:
         full = expected_shapes(args)
         expected = {meta_to_hf_name(n) for n in full}
         found = set(shapes)
-        if self.tied and "lm_head.weight" not in found:
+        if self.tied:
+            # transformers ties lm_head to embed_tokens after loading, so a stored lm_head.weight is never used:
+            # taking it would give other logits than LlamaForCausalLM for the same folder.
             found.add("lm_head.weight")
             shapes["lm_head.weight"] = shapes["model.embed_tokens.weight"]
             self._where["lm_head.weight"] = self._where["model.embed_tokens.weight"]
@@ -370,8 +380,7 @@ class Checkpoint:
     def _hf_tensor(self, meta_name: str) -> torch.Tensor:
         name = meta_to_hf_name(meta_name)
         reader, f = self._where[name]
-        src = name if name in (reader.names if isinstance(reader, _SafetensorsFile) else reader) \
-            else "model.embed_tokens.weight"  # tied lm_head
+        src = "model.embed_tokens.weight" if self.tied and name == "lm_head.weight" else name
         return reader.get(src) if isinstance(reader, _SafetensorsFile) else reader[src]
 
     # -- streaming --
@@ -386,14 +395,32 @@ class Checkpoint:
             if device.type != "cpu":
                 t = t.to(device)
             if dtype is not None and t.dtype != dtype:
-                t = t.to(dtype)
+                src, t = t, t.to(dtype)
+                if torch.finfo(dtype).max < torch.finfo(src.dtype).max and _has_inf(t) and not _has_inf(src):
+                    # float16 tops out at 65504: a larger weight would silently become inf (and an inf int8 scale)
+                    raise CheckpointError(
+                        f"{self._file_of(name, dtype)}: tensor {name!r} holds values up to "
+                        f"{src.abs().max().item():.4g}, beyond {dtype}'s range (max {torch.finfo(dtype).max:.6g}); "
+                        f"load it as bfloat16 or float32")
             yield name, t
+
+    def _file_of(self, name: str, dtype: torch.dtype) -> str:
+        """The file(s) whose part of Meta-named tensor `name` overflows `dtype`, for error messages."""
+        if self.format == "hf":
+            return self._where[meta_to_hf_name(name)][1]
+        bad = [f for f, sd in zip(self.files, self._shards) if _has_inf(sd[name].to(dtype))]
+        return ", ".join(bad or self.files)
 
     def __len__(self) -> int:
         return len(expected_shapes(self.args))
 
     def nbytes(self) -> int:
         return sum(os.path.getsize(f) for f in self.files)
+
+
+def _has_inf(t: torch.Tensor) -> bool:
+    # two reductions, no tensor-sized temporary (isinf would allocate one the size of the embedding)
+    return t.numel() > 0 and (t.amax().item() == float("inf") or t.amin().item() == float("-inf"))
 
 
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:

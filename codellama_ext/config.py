@@ -135,8 +135,12 @@ class ModelArgs:
         act = config.get("hidden_act", "silu")
         if act != "silu":
             raise ConfigError(f"{where}: hidden_act must be 'silu', got {act!r}")
-        if config.get("rope_scaling") not in (None, {}):
-            raise ConfigError(f"{where}: rope_scaling {config['rope_scaling']!r} is not supported (CodeLlama has none)")
+        scaling = config.get("rope_scaling")
+        if scaling not in (None, {}) and not (isinstance(scaling, dict)
+                                              and scaling.get("rope_type", scaling.get("type")) == "default"):
+            # linear / dynamic / yarn ... change the rotary angles; running them as plain RoPE would be silently wrong
+            raise ConfigError(f"{where}: rope_scaling {scaling!r} is not supported (CodeLlama has none; only "
+                              f"null or rope_type 'default' can be loaded)")
         rope_theta = _hf_rope_theta(where, config)
         for k in ("attention_bias", "mlp_bias"):
             if config.get(k):
@@ -149,7 +153,8 @@ class ModelArgs:
                   n_heads=config["num_attention_heads"], n_kv_heads=config.get("num_key_value_heads"),
                   ffn_hidden=config["intermediate_size"],
                   vocab_size=_resolve_vocab(where, config.get("vocab_size") or -1, vocab_size),
-                  norm_eps=_number(where, "rms_norm_eps", config.get("rms_norm_eps", 1e-5)),
+                  # LlamaConfig's default, not Meta's 1e-5: transformers runs a config without the key at 1e-6
+                  norm_eps=_number(where, "rms_norm_eps", config.get("rms_norm_eps", 1e-6)),
                   rope_theta=rope_theta)
         try:
             return cls(**kw)

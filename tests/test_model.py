@@ -554,3 +554,169 @@ def test_cpu_kv_cache_takes_memory_as_it_fills():
 def test_progress_line_on_request(folders, capsys):
     load_model(folders("gqa", "hf"), dtype=torch.float32, max_seq_len=8, progress=True)
     assert "21/21 tensors" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# loading audit: config defaults, tied embeddings, rope_scaling, pickle formats, dtype range, folder names
+
+
+def _hf_reference(folder):
+    from transformers import LlamaForCausalLM
+    return LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def test_hf_config_defaults_match_transformers():
+    """Keys a config.json may leave out take LlamaConfig's defaults (rms_norm_eps is 1e-6 there, not Meta's
+    1e-5), since transformers runs such a folder with them."""
+    from transformers import LlamaConfig
+    minimal = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 192,
+               "vocab_size": 32016}
+    ref = LlamaConfig.from_dict(minimal)
+    ours = ModelArgs.from_hf_config(minimal)
+    assert ours.norm_eps == ref.rms_norm_eps
+    assert ours.rope_theta == ref.rope_theta
+    assert ours.n_kv_heads == ref.num_key_value_heads
+    assert ref.tie_word_embeddings is False  # ours: tied only when the key says so (Checkpoint.tied)
+
+
+def test_hf_folder_without_rms_norm_eps_matches_transformers(hf_models, folders, tmp_path):
+    d = _copy(folders("gqa", "hf"), tmp_path / "m")
+    _edit_json(os.path.join(d, "config.json"), lambda cfg: cfg.pop("rms_norm_eps"))
+    ref = _hf_logits(_hf_reference(d), PROMPT)
+    assert _rel(load_model(d, dtype=torch.float32, max_seq_len=32).logits(PROMPT), ref) <= 1e-4
+
+
+@pytest.mark.parametrize("stored_lm_head", [True, False])
+def test_tied_embeddings_follow_transformers(folders, tmp_path, stored_lm_head):
+    """tie_word_embeddings: transformers uses embed_tokens as the output matrix even when the folder also stores
+    an lm_head.weight (here a different, untied one)."""
+    d = _copy(folders("gqa", "hf"), tmp_path / "m")
+    _edit_json(os.path.join(d, "config.json"), lambda cfg: cfg.update(tie_word_embeddings=True))
+    if not stored_lm_head:
+        _edit_safetensors(d, lambda sd: sd.pop("lm_head.weight"))
+    ref = _hf_logits(_hf_reference(d), PROMPT)
+    ours = load_model(d, dtype=torch.float32, max_seq_len=32).logits(PROMPT)
+    assert _rel(ours, ref) <= 1e-4
+
+
+@pytest.mark.parametrize("scaling", [{"type": "linear", "factor": 2.0}, {"rope_type": "dynamic", "factor": 4.0},
+                                     {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096},
+                                     "linear"])
+def test_hf_rope_scaling_refused(folders, tmp_path, scaling):
+    """A scaled RoPE changes every rotary angle; running it as plain RoPE would be silently wrong."""
+    d = _copy(folders("gqa", "hf"), tmp_path / "m")
+    _edit_json(os.path.join(d, "config.json"), lambda cfg: cfg.update(rope_scaling=scaling))
+    with pytest.raises(CheckpointError, match=r"config\.json: rope_scaling .* is not supported"):
+        load_model(d, dtype=torch.float32, max_seq_len=8)
+
+
+def test_hf_rope_scaling_default_loads_like_transformers(folders, tmp_path):
+    d = _copy(folders("gqa", "hf"), tmp_path / "m")
+    _edit_json(os.path.join(d, "config.json"), lambda cfg: cfg.update(rope_scaling={"rope_type": "default"}))
+    ref = _hf_logits(_hf_reference(d), PROMPT)
+    assert _rel(load_model(d, dtype=torch.float32, max_seq_len=32).logits(PROMPT), ref) <= 1e-4
+
+
+def test_legacy_torch_save_format_loads(hf_models, folders, tmp_path):
+    """Files from torch.save(_use_new_zipfile_serialization=False) cannot be memory-mapped; they are read with
+    weights_only=True instead of failing as "truncated or corrupt"."""
+    d = _copy(folders("gqa", "meta2"), tmp_path / "m")
+    for i in range(2):
+        f = os.path.join(d, f"consolidated.{i:02d}.pth")
+        torch.save(torch.load(f, weights_only=True), f, _use_new_zipfile_serialization=False)
+    ours = load_model(d, dtype=torch.float32, max_seq_len=32).logits(PROMPT)
+    assert _rel(ours, _hf_logits(hf_models["gqa"], PROMPT)) <= 1e-4
+
+
+class _Payload:
+    """Unpickling this creates a folder: the test checks it never appears."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.makedirs, (self.marker,)
+
+
+@pytest.mark.parametrize("writer", ["zip", "legacy", "raw pickle"])
+@pytest.mark.parametrize("fmt", ["meta1", "hf-bin"])
+def test_malicious_pickle_never_runs(folders, tmp_path, fmt, writer):
+    d = _copy(folders("gqa", fmt), tmp_path / "m")
+    f = os.path.join(d, "consolidated.00.pth" if fmt == "meta1" else "pytorch_model.bin")
+    marker = str(tmp_path / "payload-ran")
+    obj = {"tok_embeddings.weight": _Payload(marker)}
+    if writer == "raw pickle":
+        with open(f, "wb") as fh:
+            pickle.dump(obj, fh, protocol=2)  # torch.save's protocol: no protocol warning
+    else:
+        torch.save(obj, f, _use_new_zipfile_serialization=writer == "zip")
+    with pytest.raises(CheckpointError, match=rf"{os.path.basename(f)}: refused to load"):
+        load_model(d, dtype=torch.float32, max_seq_len=8)
+    assert not os.path.exists(marker)
+
+
+@pytest.mark.parametrize("fmt", ["meta2", "hf"])
+def test_float16_overflow_is_an_error(hf_models, folders, tmp_path, fmt):
+    """A stored weight beyond float16's range (65504) would become inf when loaded as float16 (and give an inf
+    int8 scale); bfloat16 and float32 hold it."""
+    d = _copy(folders("gqa", fmt), tmp_path / "m")
+    big = 2.0 ** 17  # exact in bfloat16 and float32
+    if fmt == "meta2":
+        f = _edit_shard(d, 1, lambda sd: sd["layers.1.feed_forward.w2.weight"].__setitem__((0, 0), big))
+        name = "layers.1.feed_forward.w2.weight"
+    else:
+        f = _edit_safetensors(d, lambda sd: sd["model.layers.1.mlp.down_proj.weight"].__setitem__((0, 0), big))
+        name = "layers.1.feed_forward.w2.weight"
+    for quantize in (None, "int8"):
+        with pytest.raises(CheckpointError, match=rf"{os.path.basename(f)}: tensor '{name}' holds values up to "
+                                                  r"1\.311e\+05, beyond torch\.float16's range"):
+            load_model(d, dtype=torch.float16, max_seq_len=8, quantize=quantize)
+    for dt in (torch.bfloat16, torch.float32):
+        w2 = load_model(d, dtype=dt, max_seq_len=8).layers[1].w2.weight
+        assert torch.isfinite(w2).all() and w2.abs().max().item() == big
+
+
+@pytest.mark.parametrize("fmt", ["meta2", "hf"])
+def test_folder_name_with_glob_characters(hf_models, folders, tmp_path, fmt):
+    """A folder name with "[v1]" in it: unescaped, glob read it as a character class, found no weight file and
+    reported the folder as empty."""
+    d = _copy(folders("gqa", fmt), tmp_path / "CodeLlama-7b [v1]")
+    ours = load_model(d, dtype=torch.float32, max_seq_len=32).logits(PROMPT)
+    assert _rel(ours, _hf_logits(hf_models["gqa"], PROMPT)) <= 1e-4
+
+
+def test_meta_eight_shards_one_kv_head_each(tmp_path):
+    """The 70B layout (SPEC §1.6): 8 kv heads over 8 shards, so each shard's wk/wv holds one kv head
+    ([head_dim, dim]) while wq holds n_heads / 8 heads."""
+    hf = tiny_hf_model(seed=7, dim=128, n_layers=1, n_heads=16, n_kv_heads=8, vocab=32016, ffn=384)
+    d = save_meta(hf, tmp_path / "m", mp=8)
+    shard = torch.load(os.path.join(d, "consolidated.07.pth"), weights_only=True)
+    assert shard["layers.0.attention.wk.weight"].shape == (128 // 16, 128)
+    assert shard["layers.0.attention.wq.weight"].shape == (2 * 128 // 16, 128)
+    assert shard["tok_embeddings.weight"].shape == (32016, 128 // 8)
+    ours = load_model(d, dtype=torch.float32, max_seq_len=32).logits(PROMPT)
+    assert _rel(ours, _hf_logits(hf, PROMPT)) <= 1e-4
+
+
+@pytest.mark.parametrize("variant", [{}, {"ffn_dim_multiplier": None}, {"ffn_dim_multiplier": 1.0},
+                                     {"ffn_dim_multiplier": 1.3, "multiple_of": 4096}, {"vocab_size": -1},
+                                     {"vocab_size": 32016}, {"n_kv_heads": None}, {"n_kv_heads": 8},
+                                     {"rope_theta": 10000}, {"norm_eps": 1e-6}, {"multiple_of": 64}])
+def test_meta_params_variants(variant):
+    """SPEC §1.2 params.json variants against the rules written out here: absent keys take Meta's ModelArgs
+    defaults, n_kv_heads None = n_heads, vocab from the embedding, FFN from §1.3."""
+    import math
+    params = {"dim": 8192, "n_layers": 2, "n_heads": 64, "n_kv_heads": 8, "multiple_of": 256,
+              "ffn_dim_multiplier": 1.0, "norm_eps": 1e-5, "rope_theta": 1000000}
+    params.update(variant)
+    a = ModelArgs.from_meta_params(params, vocab_size=32016)
+    mult, mo = params.get("ffn_dim_multiplier"), params.get("multiple_of", 256)
+    h = int(2 * 4 * 8192 / 3)
+    if mult is not None:
+        h = int(mult * h)
+    assert a.ffn_hidden == mo * math.ceil(h / mo)
+    assert a.n_kv_heads == (params["n_kv_heads"] or 64)
+    assert (a.vocab_size, a.norm_eps, a.rope_theta) == (32016, params["norm_eps"], params["rope_theta"])
+    del params["rope_theta"], params["norm_eps"], params["multiple_of"]
+    b = ModelArgs.from_meta_params(params, vocab_size=32016)
+    assert (b.rope_theta, b.norm_eps, b.multiple_of) == (10000, 1e-5, 256)
