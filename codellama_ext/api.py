@@ -5,6 +5,10 @@ infilling builds the PSM/SPM prompt, stops at EOT only (EOS does not stop it) an
 the infill rule (a genuine leading space kept); chat builds Meta's dialog ids and stops at EOS, or at <step> for
 the 70B-Instruct format. Stop strings cut the text before their first occurrence and end that row.
 
+Prefix reuse: the KV cache keeps what earlier calls computed, and a prompt that starts with ids a slot still holds
+(a resent prompt, a chat's earlier turns, the unchanged head of an edited file) is prefilled from there only
+(GenerationResult.cached_tokens counts them; from_pretrained(prefix_cache=False) turns it off).
+
 Thread safety: one lock per model serialises every call (the model has one KV cache), shared by all CodeLlama
 instances over that model. A stream holds the lock from its first item until it is exhausted, closed or garbage
 collected; abandoning a stream therefore frees the model, but keeping an unfinished stream alive (without
@@ -105,12 +109,13 @@ class _TextRow:
 class CodeLlama:
     """A loaded model with its tokenizer. See the module docstring for modes and thread safety."""
 
-    def __init__(self, model: Transformer, tokenizer: CodeLlamaTokenizer, *, cuda_graphs: bool = True):
+    def __init__(self, model: Transformer, tokenizer: CodeLlamaTokenizer, *, cuda_graphs: bool = True,
+                 prefix_cache: bool = True):
         if tokenizer.n_words > model.args.vocab_size:
             raise ValueError(f"the tokenizer has {tokenizer.n_words} pieces but the model only "
                              f"{model.args.vocab_size} embedding rows")
         self.model, self.tokenizer, self.args = model, tokenizer, model.args
-        self.engine = Engine(model, cuda_graphs=cuda_graphs)
+        self.engine = Engine(model, cuda_graphs=cuda_graphs, prefix_cache=prefix_cache)
         with _MODEL_LOCKS_GUARD:
             self._lock = _MODEL_LOCKS.setdefault(model, _ModelLock())
 
@@ -121,9 +126,11 @@ class CodeLlama:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None, *, device="cpu", dtype=None,
                         quantize: str | None = None, max_seq_len: int | None = None, max_batch_size: int = 8,
-                        progress: bool | None = None) -> "CodeLlama":
+                        progress: bool | None = None, prefix_cache: bool = True) -> "CodeLlama":
         """Loads a Meta or HF model folder (with its tokenizer.model). path None: the default model shipped in
-        codellama_ext/default_model. max_seq_len None: min(the model's context, 4096)."""
+        codellama_ext/default_model. max_seq_len None: min(the model's context, 4096). prefix_cache: a prompt
+        starting with ids a cache slot still holds (a resent prompt, a chat's earlier turns) is prefilled from
+        there (generation.Engine); False: every prompt is prefilled whole."""
         if path is None:
             path = DEFAULT_MODEL_DIR
             if not (path / "params.json").is_file():
@@ -140,7 +147,7 @@ class CodeLlama:
         tokenizer = CodeLlamaTokenizer.from_pretrained(path)
         model = load_model(path, device=device, dtype=dtype, quantize=quantize, max_seq_len=max_seq_len,
                            max_batch_size=max_batch_size, progress=progress)
-        return cls(model, tokenizer)
+        return cls(model, tokenizer, prefix_cache=prefix_cache)
 
     # ---- text API ----
     def complete(self, prompt: str | list[str], *, params: SamplingParams | None = None, **sampling) -> str | list[str]:

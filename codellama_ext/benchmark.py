@@ -11,7 +11,8 @@ Greedy, a fixed number of new tokens: ours ignores EOS (stop_ids=[]), transforme
 min_new_tokens = max_new_tokens. Measured:
 - decode tokens/s at each batch: batch x (N - 1) / (time of step N - time of step 1) within one run, each step
   time-stamped (transformers through its streamer hook);
-- prefill time of a P-token prompt at batch 1: the time to the first new token;
+- prefill time of a P-token prompt at batch 1: the time to the first new token (and ours again with its first
+  P - 1 tokens held in the cache by the call before: prefix reuse);
 - the decode's share of the bandwidth limit: weight bytes x decode steps/s / read bandwidth, the read bandwidth
   measured in the run by tools/bench_kernels.py's `read_bandwidth` (every step reads all weights once; the
   embedding table, of which a step reads one row per sequence, is not counted).
@@ -96,11 +97,12 @@ def _prompts(batch: int, length: int, seed: int) -> list[list[int]]:
     return [[1] + torch.randint(3, 32000, (length - 1,), generator=g).tolist() for _ in range(batch)]
 
 
-def _ours_runner(model) -> Callable[[list[list[int]], int], list[float]]:
+def _ours_runner(model, prefix_cache: bool = False) -> Callable[[list[list[int]], int], list[float]]:
     """The engine behind CodeLlama.generate (that method adds only a lock): the random checkpoint has no
-    tokenizer.model, which CodeLlama.from_pretrained needs."""
+    tokenizer.model, which CodeLlama.from_pretrained needs. Prefix reuse off by default: the repeats resend their
+    prompts, and "prefill P" is the whole prompt's."""
     from .generation import Engine, SamplingParams
-    engine = Engine(model)
+    engine = Engine(model, prefix_cache=prefix_cache)
 
     def run(prompts, n):
         clock = _StepClock()
@@ -153,6 +155,23 @@ def measure(run, batches: Sequence[int], new_tokens: int, prompt_len: int, prefi
     return out
 
 
+def measure_prefix_held(model, prefills: Sequence[int], repeats: int) -> dict[str, float]:
+    """{"prefill P, prefix held": seconds}: the time to the first token of a P-token prompt whose first P - 1
+    tokens a cache slot holds from the call before (a resent prompt with its last token edited)."""
+    run = _ours_runner(model, prefix_cache=True)
+    out = {}
+    for p in prefills:
+        base = _prompts(1, p, seed=p)[0]
+        run([base], 1)
+        last = iter(range(3, 32000))
+
+        def held():
+            st = run([base[:-1] + [next(last)]], 1)
+            return st[1] - st[0]
+        out[f"prefill {p}, prefix held"] = statistics.median(held() for _ in range(repeats))
+    return out
+
+
 def weight_bytes(module: torch.nn.Module, skip: Sequence[str] = ("k_cache", "v_cache", "tok_embeddings")) -> int:
     """Bytes of the parameters and buffers one decode step reads in full: all but the KV cache (its short prompt
     is a rounding error here) and the embedding table (a step gathers one row of it per sequence)."""
@@ -180,7 +199,9 @@ def _note(what: str) -> None:
 
 
 def _fmt(key: str, v: float) -> str:
-    return f"{v:.1f}" if key.startswith("decode") else f"{v * 1e3:.0f}"
+    if key.startswith("decode"):
+        return f"{v:.1f}"
+    return f"{v * 1e3:.0f}" if v >= 0.01 else f"{v * 1e3:.2f}"  # a held prefix can take well under 1 ms
 
 
 def run_benchmark(shapes: Sequence[str], dtypes: Sequence[str], device: str, batches: Sequence[int],
@@ -213,8 +234,9 @@ def run_benchmark(shapes: Sequence[str], dtypes: Sequence[str], device: str, bat
                     _note(f"{shape} {dt_name}{' + int8' if q else ''}: ours")
                     model = load_model(folder, device=device, dtype=dtype, quantize=q, max_seq_len=max_seq,
                                        max_batch_size=max(batches), progress=False)
-                    ours[q] = (weight_bytes(model), measure(_ours_runner(model), batches, new_tokens, prompt_len,
-                                                            prefills, repeats))
+                    ours[q] = (weight_bytes(model), {**measure(_ours_runner(model), batches, new_tokens, prompt_len,
+                                                               prefills, repeats),
+                                                     **measure_prefix_held(model, prefills, repeats)})
                     del model
                 peer = {}
                 if hf:

@@ -7,6 +7,11 @@ window, or `Run.finish` from the text layer for stop strings); finished rows lea
 row's tokens do not depend on the rows beside it. More prompts than max_batch_size: the rest wait in a queue and
 take the cache slots of finished rows (continuous batching).
 
+Prefix reuse: the engine records which ids each cache slot holds (a prompt, then every token fed back), and a new
+prompt takes the free slot holding the longest prefix of it and is prefilled from there (its last token always,
+for its logits): a resent prompt, a chat's next turn or an edit near the end of a file costs only the new tokens.
+Reused keys and values equal recomputed ones up to rounding, as they do when a prompt shares a batch with others.
+
 Sampling stays on the device (ops.argmax / ops.sample); the only host synchronisation per step is one `.tolist()`
 of the new ids, which the stop checks need. On CUDA the decode step is captured once per batch-size bucket in a
 CUDA graph (static token / position / slot buffers) and replayed; elsewhere it runs eagerly.
@@ -81,6 +86,10 @@ class SamplingParams:
         return self.temperature < _MIN_SAMPLING_TEMPERATURE
 
 
+def _shared_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def _is_real(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
@@ -94,6 +103,7 @@ class GenerationResult:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] | None = None
     finish_reason: str = "length"
+    cached_tokens: int = 0  # leading prompt tokens whose keys / values an earlier run left in the cache
 
 
 class _DecodeGraph:
@@ -143,12 +153,16 @@ class _DecodeGraph:
 
 class Engine:
     """Batched generation on one Transformer. Not thread-safe (the KV cache is shared): callers serialise runs,
-    and a run must be finished or closed before the next one starts (CodeLlama's lock does both)."""
+    and a run must be finished or closed before the next one starts (CodeLlama's lock does both).
+    prefix_cache=False: every prompt is prefilled whole."""
 
-    def __init__(self, model: Transformer, cuda_graphs: bool = True):
+    def __init__(self, model: Transformer, cuda_graphs: bool = True, prefix_cache: bool = True):
         self.model = model
         self.cuda_graphs = cuda_graphs and model.device.type == "cuda"
+        self.prefix_cache = prefix_cache
         self._graphs: dict[int, _DecodeGraph] | None = None
+        self._held: list[list[int]] = [[] for _ in range(model.max_batch_size)]  # ids at positions 0.. per slot
+        self._writes_seen = model.cache_writes
 
     @property
     def buckets(self) -> list[int]:
@@ -164,12 +178,61 @@ class Engine:
             pool = torch.cuda.graph_pool_handle()
             self._graphs = {b: _DecodeGraph(self.model, b, pool) for b in reversed(self.buckets)}
 
-    def decode(self, tok: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor,
-               pad_slots: torch.Tensor) -> torch.Tensor:
-        """Logits [n, V] of one decode step for n rows; pad_slots: cache slots no live row uses (CUDA padding)."""
+    def _held_ids(self) -> list[list[int]]:
+        """The per-slot records; forgotten when anything but this engine has written the cache since its last
+        write (model.forward or decode_step from elsewhere, another engine, reset_cache, a dtype change)."""
+        if self.model.cache_writes != self._writes_seen:
+            self._held = [[] for _ in self._held]
+        return self._held
+
+    def _wrote(self) -> None:
+        self._writes_seen = self.model.cache_writes
+
+    def admit(self, prompts: list[list[int]], free: list[int]) -> tuple[torch.Tensor, list[int], list[int]]:
+        """Prefills `prompts` in one packed forward, each into the free slot (taken out of `free`) holding the
+        longest prefix of it, from the end of that prefix. -> last-token logits [k, V], slots, reused lengths."""
+        self.prepare()
+        held = self._held_ids()
+        slots, starts = [], []
+        for ids in prompts:
+            shared = {s: _shared_prefix(held[s], ids) if self.prefix_cache else 0 for s in free}
+            best = max(free, key=lambda s: (shared[s], -len(held[s])))  # among equals: the least to lose
+            free.remove(best)
+            start = min(shared[best], len(ids) - 1)
+            held[best] = held[best][:start]  # the prefill overwrites the rest
+            slots.append(best)
+            starts.append(start)
+        dev = self.model.device
+        flat = torch.tensor([t for ids, st in zip(prompts, starts) for t in ids[st:]], dtype=torch.int64, device=dev)
+        cu = torch.tensor([0] + [len(ids) - st for ids, st in zip(prompts, starts)]).cumsum(0)
+        logits = self.model.forward(flat, torch.tensor(starts), cu_seqlens=cu, slots=torch.tensor(slots),
+                                    last_only=True)
+        self._wrote()
+        for ids, s in zip(prompts, slots):
+            held[s] = list(ids)
+        return logits, slots, starts
+
+    def padding_slots(self, free: list[int]) -> list[int]:
+        """Free slots in the order CUDA-graph padding rows overwrite their position 0: least held first."""
+        return sorted(free, key=lambda s: len(self._held[s]))
+
+    def decode(self, tok: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, pad_slots: torch.Tensor,
+               fed: list[tuple[int, int]], pads: list[int]) -> torch.Tensor:
+        """Logits [n, V] of one decode step for n rows. fed: (slot, id) of each row, on the host; pad_slots
+        (device) = pads (host): cache slots no live row uses, as padding_slots orders them (CUDA padding)."""
+        held = self._held_ids()
         if self._graphs is not None:
-            return self._graphs[next(b for b in self.buckets if b >= tok.numel())](tok, pos, slot, pad_slots)
-        return self.model.decode_step(tok, pos, slot)
+            bucket = next(b for b in self.buckets if b >= tok.numel())
+            for s in pads[:bucket - tok.numel()]:
+                held[s] = []
+            self.model.cache_writes += 1  # a replay bypasses decode_step
+            logits = self._graphs[bucket](tok, pos, slot, pad_slots)
+        else:
+            logits = self.model.decode_step(tok, pos, slot)
+        self._wrote()
+        for s, t in fed:
+            held[s].append(t)
+        return logits
 
     def check_prompts(self, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
         """Validates prompt ids (ValueError naming the prompt and the rule); returns them as lists of ints."""
@@ -208,7 +271,7 @@ class Engine:
 class Run:
     """One generation over a list of prompts. Iterating yields, after each step, the (row, token id) pairs that
     step appended; `finish(row)` (between steps) ends a row early. `results` holds the outcome per row. Closing
-    the iterator early (or dropping it) leaves the engine usable: every run starts from a fresh prefill."""
+    the iterator early (or dropping it) leaves the engine usable: the slots' records cover only completed writes."""
 
     def __init__(self, engine: Engine, prompts: list[list[int]], params: SamplingParams, stop_ids: frozenset,
                  logprobs: bool, vocab: int | None = None):
@@ -244,24 +307,23 @@ class Run:
             self.results[row].finish_reason = reason
 
     @torch.inference_mode()
-    def _admit(self, rows: list[int], slots: list[int]) -> tuple[torch.Tensor, ...]:
-        """Prefills the prompts of `rows` into cache `slots` in one packed forward. Returns their last-token
-        logits [k, V], next positions [k], slots [k] and (with a repetition penalty) seen-token masks [k, V]."""
+    def _admit(self, rows: list[int], free: list[int]) -> tuple[list[int], tuple[torch.Tensor, ...]]:
+        """Prefills the prompts of `rows` into slots taken from `free` (Engine.admit). Returns the slots and their
+        last-token logits [k, V], next positions [k], slots [k], (with a repetition penalty) seen masks [k, V]."""
         model = self.engine.model
         dev = model.device
-        self.engine.prepare()
+        logits, slots, starts = self.engine.admit([self.prompts[r] for r in rows], free)
+        for r, st in zip(rows, starts):
+            self.results[r].cached_tokens = st
         lens = [len(self.prompts[r]) for r in rows]
-        flat = torch.tensor([t for r in rows for t in self.prompts[r]], dtype=torch.int64, device=dev)
-        cu = torch.tensor([0] + lens).cumsum(0)
-        logits = model.forward(flat, torch.zeros(len(rows), dtype=torch.int64), cu_seqlens=cu,
-                               slots=torch.tensor(slots), last_only=True)
         seen = None
         if self.params.repetition_penalty != 1:  # prompt tokens count as seen (HF)
             seen = torch.zeros(len(rows), model.args.vocab_size, dtype=torch.bool, device=dev)
+            flat = torch.tensor([t for r in rows for t in self.prompts[r]], dtype=torch.int64, device=dev)
             seen[torch.repeat_interleave(torch.arange(len(rows), device=dev), torch.tensor(lens, device=dev)),
                  flat] = True
-        return (logits, torch.tensor(lens, dtype=torch.int32, device=dev),
-                torch.tensor(slots, dtype=torch.int32, device=dev), seen)
+        return slots, (logits, torch.tensor(lens, dtype=torch.int32, device=dev),
+                       torch.tensor(slots, dtype=torch.int32, device=dev), seen)
 
     @torch.inference_mode()
     def _choose(self, logits: torch.Tensor, seen: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
@@ -305,10 +367,9 @@ class Run:
         while True:
             if queue and free:
                 new = [queue.pop() for _ in range(min(len(queue), len(free)))]
-                new_slots = [free.pop() for _ in new]
+                new_slots, parts = self._admit(new, free)
                 slot_of.update(zip(new, new_slots))
                 pad_slots = None
-                parts = self._admit(new, new_slots)
                 with torch.inference_mode():
                     logits, pos, slot = (torch.cat([a, b]) for a, b in zip((logits, pos, slot), parts))
                     seen = torch.cat([seen, parts[3]]) if seen is not None else None
@@ -330,6 +391,7 @@ class Run:
                     self.finish(r, "length")
             yield step  # the consumer may finish rows here (stop strings)
             keep = [j for j, r in enumerate(live) if not self._done[r]]
+            fed = [(slot_of[live[j]], ids[j]) for j in keep]
             if not keep and not queue:
                 return
             with torch.inference_mode():
@@ -342,8 +404,9 @@ class Run:
                     live = [live[j] for j in keep]
                 if live:
                     if pad_slots is None:  # padding rows of a CUDA graph bucket write position 0 of these
-                        pad_slots = torch.tensor(free, dtype=torch.int32, device=dev)
-                    logits = self.engine.decode(tok, pos, slot, pad_slots)
+                        pads = self.engine.padding_slots(free)
+                        pad_slots = torch.tensor(pads, dtype=torch.int32, device=dev)
+                    logits = self.engine.decode(tok, pos, slot, pad_slots, fed, pads)
                     pos += 1
                 else:
                     logits = logits[:0]

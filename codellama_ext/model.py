@@ -102,6 +102,9 @@ class Transformer(nn.Module):
         self.register_buffer("k_cache", torch.empty(cache_shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.empty(cache_shape, dtype=dtype, device=device), persistent=False)
         self._layer_lists = None
+        # Counts the calls that change the KV cache: the engine's record of which ids each slot holds
+        # (generation.Engine, prefix reuse) stays valid only while it made every such call itself.
+        self.cache_writes = 0
 
     @property
     def device(self) -> torch.device:
@@ -157,6 +160,7 @@ class Transformer(nn.Module):
         Positions before start_pos must already be in the cache (earlier calls).
         last_only: logits of each sequence's last token only ([B, V] in both layouts), so a long prefill does
         not materialise [N, V] float32 logits."""
+        self.cache_writes += 1
         return self._forward(tokens, start_pos, cu_seqlens, slots, self.k_cache, self.v_cache, last_only)
 
     @torch.inference_mode()
@@ -164,6 +168,7 @@ class Transformer(nn.Module):
         """One new token per sequence, with no checks and no host synchronisation, so it can be captured in a
         CUDA graph: tokens [B] int64, positions [B] int32, slots [B] int32, all on the model's device (the
         caller guarantees ids < vocab, positions < max_seq_len, distinct slots < max_batch_size) -> [B, V]."""
+        self.cache_writes += 1
         return self._layers(tokens, positions, slots, slots, self.k_cache, self.v_cache, seq_lens=positions + 1)
 
     @torch.inference_mode()
@@ -267,10 +272,12 @@ class Transformer(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         self._layer_lists = None
+        self.cache_writes += 1  # a cache converted to another dtype no longer holds what the new dtype computes
         return super()._apply(fn, *args, **kwargs)
 
     def reset_cache(self) -> None:
         """Zeroes the KV cache (not needed for correctness: positions are always written before they are read)."""
+        self.cache_writes += 1
         self.k_cache.zero_()
         self.v_cache.zero_()
 

@@ -115,6 +115,18 @@ def test_chat_matches_transformers(llm, step_llm, hf):
         assert step_llm.chat(msgs, max_new_tokens=N) == step_llm.tokenizer.decode_meta(ref)
 
 
+def test_prefix_cache_reuses_and_can_be_off(llm, folder, expected_complete):
+    ids = llm.tokenizer.encode_meta(COMPLETE[0], True, False)
+    first, again = (llm.generate([ids], max_new_tokens=N)[0] for _ in range(2))
+    assert again.cached_tokens == len(ids) - 1 and again.tokens == first.tokens
+    off = CodeLlama(llm.model, llm.tokenizer, prefix_cache=False)
+    assert [(r.cached_tokens, r.tokens) for r in (off.generate([ids], max_new_tokens=N)[0] for _ in range(2))] \
+        == [(0, first.tokens)] * 2
+    loaded = CodeLlama.from_pretrained(folder, dtype=torch.float32, max_seq_len=64, max_batch_size=1,
+                                       prefix_cache=False)
+    assert not loaded.engine.prefix_cache and loaded.complete(COMPLETE[0], max_new_tokens=N) == expected_complete[0]
+
+
 def test_stop_strings_cut_exactly(llm, expected_complete):
     p, full = COMPLETE[1], expected_complete[1]
     s1, s2 = full[10:13], full[20:22]

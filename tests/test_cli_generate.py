@@ -340,7 +340,11 @@ def test_bench_small_preset(capsys, monkeypatch, tmp_path):
     rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| small ")]
     got = {(r[1].strip(), r[2].strip()) for r in rows}
     assert got == {(w, m) for w in ("float32", "float32 + int8")
-                   for m in ("decode b=1 (tok/s)", "decode b=2 (tok/s)", "prefill 12 (ms)")}, out
+                   for m in ("decode b=1 (tok/s)", "decode b=2 (tok/s)", "prefill 12 (ms)",
+                             "prefill 12, prefix held (ms)")}, out
     for _, _, measure, ours, peer, ratio, share in rows:
-        assert float(ours) > 0 and float(peer) > 0 and ratio.strip().endswith("x")
-        assert ("%" in share) == measure.strip().startswith("decode")
+        assert float(ours) > 0 and ("%" in share) == measure.strip().startswith("decode")
+        if "held" in measure:  # ours only: transformers' generate keeps no cache between calls
+            assert peer.strip() == ratio.strip() == ""
+        else:
+            assert float(peer) > 0 and ratio.strip().endswith("x")

@@ -228,6 +228,57 @@ def test_padded_bucket_decode_equals_plain(folder, expected):
     assert any(padded) and not all(padded)
 
 
+def test_prefix_reuse_matches_transformers(folder, hf):
+    """A resent prompt, one extending a prompt and its fed-back output, one diverging from it and one it
+    contains are prefilled from the end of the prefix their slot holds, and still continue as transformers."""
+    engine = Engine(load_model(folder, dtype=torch.float32, max_seq_len=96, max_batch_size=2))
+    sp = SamplingParams(max_new_tokens=N_NEW)
+    p = random_prompts(1, seed=11, lengths=(14,))[0]
+    first = engine.generate([p], sp, [])[0]
+    assert first.cached_tokens == 0 and first.tokens == hf_greedy(hf, p, N_NEW, stop_id=None)[0]
+    again = engine.generate([p], sp, [])[0]
+    assert again.cached_tokens == len(p) - 1 and again.tokens == first.tokens
+    cases = [(p + first.tokens[:5] + [7, 8], len(p) + 5),  # a chat's next turn: output tokens were fed back
+             (p[:8], 7),  # contained: the last token is recomputed for its logits
+             (p[:6] + [9, 10, 11], 6)]  # an edit: reuse up to it (the slot then holds the edited text)
+    for q, cached in cases:
+        res = engine.generate([q], sp, [])[0]
+        assert (res.cached_tokens, res.tokens) == (cached, hf_greedy(hf, q, N_NEW, stop_id=None)[0])
+    # in a batch each prompt takes the slot holding its prefix; one sharing nothing takes the slot holding least
+    q = cases[-1][0] + res.tokens[:2]
+    batch = engine.generate([[5, 6, 7], q], sp, [])
+    assert [r.cached_tokens for r in batch] == [0, len(q) - 1]
+    assert batch[1].tokens == hf_greedy(hf, q, N_NEW, stop_id=None)[0]
+
+
+def test_prefix_records_forgotten_when_others_write_the_cache(folder, expected):
+    engine = Engine(load_model(folder, dtype=torch.float32, max_seq_len=96, max_batch_size=2))
+    sp = SamplingParams(max_new_tokens=N_NEW)
+    p, ref = random_prompts(1)[0], expected[0][0]
+    engine.generate([p], sp, [EOS])
+    for other_write in (lambda m: m.forward(torch.tensor([[1, 2, 3]] * 2)), lambda m: m.reset_cache(),
+                        lambda m: m.to(torch.float64).to(torch.float32)):
+        other_write(engine.model)
+        res = engine.generate([p], sp, [EOS])[0]
+        assert (res.cached_tokens, res.tokens) == (0, ref)
+    off = Engine(engine.model, prefix_cache=False)
+    assert [(r.cached_tokens, r.tokens) for r in (off.generate([p], sp, [EOS])[0] for _ in range(2))] == [(0, ref)] * 2
+
+
+def test_padding_rows_evict_the_prefix_they_overwrite(folder, expected):
+    """CUDA-graph padding rows write position 0 of free slots: a prompt held there must be prefilled again."""
+    from codellama_ext.generation import _DecodeGraph
+    engine = Engine(load_model(folder, dtype=torch.float32, max_seq_len=96, max_batch_size=4))
+    engine._graphs = {b: _DecodeGraph(engine.model, b, None, capture=False) for b in engine.buckets}
+    sp = SamplingParams(max_new_tokens=N_NEW)
+    p, ref = random_prompts(1)[0], expected[0][0]
+    engine.generate([p], sp, [EOS])
+    # three rows in the 4-row bucket: the one free slot, p's, is the padding row (no BOS: nothing shared with p)
+    engine.generate([q[1:] for q in random_prompts(3, seed=9)], SamplingParams(max_new_tokens=2), [])
+    res = engine.generate([p], sp, [EOS])[0]
+    assert (res.cached_tokens, res.tokens) == (0, ref)
+
+
 @pytest.fixture(scope="module")
 def folder_d64(spm_models, tmp_path_factory):
     """As `folder`, with head_dim 64: the CUDA attention kernels take head_dim 64 or 128 (CodeLlama: 128)."""
