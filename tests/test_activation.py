@@ -40,6 +40,26 @@ def test_silu_and_mul_extreme_values(device, dtype):
     torch.testing.assert_close(out, ref, rtol=1e-6 if dtype == torch.float32 else 0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul_long_row_independent_of_threads(device, dtype):
+    """One row is split over threads when F is large (CPU: from 32768). The exp of the 8-wide path and the scalar
+    tail's differ by an ulp, so a split whose pieces start off a multiple of 8 changed elements with the thread
+    count (F = 40003 split at 20001). The row must equal itself computed in a batch of two (never split) at 1 and
+    2 threads. Seed 1 gave a changed fp32 element at index 20000 before the fix."""
+    f = 40003
+    torch.manual_seed(1)
+    x = (torch.randn(1, 2 * f) * 5).to(device=device, dtype=dtype)
+    unsplit = ops.silu_and_mul(torch.cat([x, x]))[:1]
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out = ops.silu_and_mul(x)
+            assert torch.equal(out, unsplit), f"{n} threads: {(out != unsplit).nonzero()[:, 1].tolist()}"
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_silu_and_mul_strided_rows(device):
     buf = torch.randn(5, 3 * 26, device=device, dtype=torch.bfloat16)
     x = buf[:, :52]  # row stride 78, rows contiguous

@@ -2,6 +2,7 @@
 // at a time with exp8 (vec.h), lanes outside its range (and the scalar tail) through std::exp.
 #include "codellama/activation.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "vec.h"
@@ -45,7 +46,10 @@ void silu_and_mul(DType dt, void* out, const void* x, int64_t x_stride, int64_t 
     auto* o = static_cast<scalar_t*>(out);
     const auto* xi = static_cast<const scalar_t*>(x);
     if (rows == 1) {  // decode: split the one row when it is long enough to pay for a second thread
-      parallel_for(f, 16384, [&](int64_t i0, int64_t i1) {
+      // Pieces start on multiples of 8, so every element takes the vector or scalar path it takes unsplit (they
+      // differ by an ulp): the result does not depend on the thread count.
+      parallel_for((f + 7) / 8, 16384 / 8, [&](int64_t b0, int64_t b1) {
+        const int64_t i0 = b0 * 8, i1 = std::min(f, b1 * 8);
         silu_row(o + i0, xi + i0, xi + f + i0, i1 - i0);
       });
     } else {
