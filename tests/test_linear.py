@@ -95,6 +95,24 @@ def test_linear_int8_non_finite_x(device, dtype, bad, m):
     torch.testing.assert_close(out[:-1], clean[:-1], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("group", [0, 128])
+@pytest.mark.parametrize("m", [1, 3, 9])
+def test_linear_int8_tiny_bf16_x(device, m, group):
+    """bf16 reaches 1e-38: on CPU, x blocks with max |x| below ~1e-34 had a subnormal int16 scale whose reciprocal
+    overflowed, every element became -32768 and the outputs were ~3x the truth with random signs. Scaling x by
+    2^-118 (exact: every |x| stays a normal bf16) must scale the output by 2^-118 with the error of unscaled x."""
+    k, n = 256, 40
+    x = torch.randn(m, k, device=device)
+    x = (x.sign() * x.abs().clamp(0.01, 3.0)).bfloat16()
+    w = torch.randn(n, k, device=device, dtype=torch.bfloat16) / k ** 0.5
+    q, s = ops.quantize_int8(w, group)
+    tiny = x * 2.0 ** -118
+    assert torch.equal(tiny.double() * 2.0 ** 118, x.double())
+    out = ops.linear_int8(tiny, q, s).double() * 2.0 ** 118
+    assert_close_to_baseline(out, reference.linear_int8(x, q, s), reference.linear_int8(x.double(), q, s),
+                             floor=1e-6, name=f"linear_int8 x * 2^-118, {m} rows, group {group}")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("group", [0, 128, 16, 3])
 def test_quantize_int8_matches_reference(device, dtype, group):

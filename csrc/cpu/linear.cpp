@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #include "vec.h"
@@ -143,11 +144,17 @@ struct XInt16 {
 // Usable when K is a multiple of 16 (the step) and every x block lies in one weight group.
 inline bool int16_x_fits(int64_t K, int64_t G) { return K % 16 == 0 && (G == 1 || (K / G) % kXBlock == 0); }
 
+// Smallest nonzero block max |x| the int16 route takes. Below ~32767 * FLT_MIN (3.9e-34, reachable in bf16) the
+// block scale is subnormal and 1 / scale overflows: every x of the block became -32768 (wrong sign, ~3x the
+// truth). 2^-64 also keeps the product of the x scale and a weight group's scale (>= 7e-15) a normal float.
+constexpr float kXMinBlockMax = 0x1p-64f;
+
 // xq / xs for one activation row: scale = max |x| / 32767 over each block (1 for an all-zero block), x / scale
 // rounded to nearest even. A NaN or inf in a block makes its scale NaN, so every output is NaN (the reference
-// gives NaN, or inf for an inf with no NaN: both are non-finite).
+// gives NaN, or inf for an inf with no NaN: both are non-finite). Returns false when a block's max |x| is in
+// (0, kXMinBlockMax): the row must take the fp32 route (xq / xs are then incomplete).
 template <typename T>
-void quantize_x_int16(int16_t* q, float* s, const T* x, int64_t K) {
+bool quantize_x_int16(int16_t* q, float* s, const T* x, int64_t K) {
   for (int64_t b = 0; b * kXBlock < K; ++b) {
     const int64_t k0 = b * kXBlock, k1 = std::min(K, k0 + kXBlock);
     float amax = 0.f;
@@ -157,6 +164,7 @@ void quantize_x_int16(int16_t* q, float* s, const T* x, int64_t K) {
       finite = finite && std::isfinite(a);
       amax = std::max(amax, a);
     }
+    if (finite && amax > 0.f && amax < kXMinBlockMax) return false;
     const float sc = !finite ? NAN : amax > 0.f ? amax / 32767.f : 1.f;
     s[b] = sc;
     const vec8 inv = set1(1.f / sc);
@@ -166,6 +174,7 @@ void quantize_x_int16(int16_t* q, float* s, const T* x, int64_t K) {
       _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), h);
     }
   }
+  return true;
 }
 
 template <int M, int R, bool kScaled>
@@ -315,6 +324,18 @@ void gemv(T* y, const T* x, int64_t x_stride, const W* w, const float* scales, i
       gemv_chunk<kScaled>(mc, yc, N, w, scales, xv, b * block_rows, std::min(N, (b + 1) * block_rows), K, G);
     }
   };
+  std::optional<XRows<float>> xf;  // allocated on the first chunk that takes the fp32 route
+  const auto stream_fp32 = [&](int64_t m0, int mc) {
+    if (!xf) xf.emplace(mmax, K);
+    for (int m = 0; m < mc; ++m) {
+      const T* xr = x + (m0 + m) * x_stride;
+      float* xo = xf->row(m);
+      int64_t k = 0;
+      for (; k + 8 <= K; k += 8) store8(xo + k, load8(xr + k));
+      for (; k < K; ++k) xo[k] = to_float(xr[k]);
+    }
+    stream_w(mc, y + m0 * N, XFloat{xf->data(), xf->ld()});
+  };
 #ifdef CODELLAMA_AVX2
   if constexpr (kScaled && !std::is_same_v<T, float>) {
     if (int16_x_fits(K, G)) {
@@ -323,24 +344,21 @@ void gemv(T* y, const T* x, int64_t x_stride, const W* w, const float* scales, i
       std::vector<float> xs(static_cast<size_t>(mmax * nb));
       for (int64_t m0 = 0; m0 < M; m0 += kGemvMaxRows) {
         const int mc = static_cast<int>(std::min<int64_t>(kGemvMaxRows, M - m0));
-        for (int m = 0; m < mc; ++m) quantize_x_int16(xq.row(m), xs.data() + m * nb, x + (m0 + m) * x_stride, K);
-        stream_w(mc, y + m0 * N, XInt16{xq.data(), xq.ld(), xs.data(), nb});
+        bool fits = true;
+        for (int m = 0; m < mc && fits; ++m)
+          fits = quantize_x_int16(xq.row(m), xs.data() + m * nb, x + (m0 + m) * x_stride, K);
+        if (fits) {
+          stream_w(mc, y + m0 * N, XInt16{xq.data(), xq.ld(), xs.data(), nb});
+        } else {
+          stream_fp32(m0, mc);
+        }
       }
       return;
     }
   }
 #endif
-  XRows<float> xf(mmax, K);
   for (int64_t m0 = 0; m0 < M; m0 += kGemvMaxRows) {
-    const int mc = static_cast<int>(std::min<int64_t>(kGemvMaxRows, M - m0));
-    for (int m = 0; m < mc; ++m) {
-      const T* xr = x + (m0 + m) * x_stride;
-      float* xo = xf.row(m);
-      int64_t k = 0;
-      for (; k + 8 <= K; k += 8) store8(xo + k, load8(xr + k));
-      for (; k < K; ++k) xo[k] = to_float(xr[k]);
-    }
-    stream_w(mc, y + m0 * N, XFloat{xf.data(), xf.ld()});
+    stream_fp32(m0, static_cast<int>(std::min<int64_t>(kGemvMaxRows, M - m0)));
   }
 }
 

@@ -7,7 +7,8 @@
 // torch.nn.functional.linear on x.float(), w.float() (codellama_ext/reference.py), up to summation order.
 // One exception, CPU linear_int8 with bf16/fp16 x (AVX2 builds, K % 16 == 0, group_size 0 or a multiple of
 // 128): x[m, k] is first rounded to int16 steps of max|x| / 32767 over its 128-column block, an error below the
-// input dtype's own rounding for all but the block's smallest elements (csrc/cpu/linear.cpp).
+// input dtype's own rounding for all but the block's smallest elements (csrc/cpu/linear.cpp). Chunks of 8 rows
+// holding a block with 0 < max|x| < 2^-64 take the fp32 route (an int16 scale that small is subnormal).
 // Groups: g(k) = k / group_size; group_size 0 means one group per row (G = 1). G = K / group_size.
 //
 // Dispatch rule (python/ops/linear.cpp): M = number of rows of x (x.numel() / K).
