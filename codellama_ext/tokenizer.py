@@ -23,7 +23,9 @@ Meta / HF differences handled (the engine builds its prompts with the Meta metho
    dropped. Infill prefixes/suffixes are not split on special tokens (as the slow tokenizer).
 2. ``<FILL_ME>``: only the HF surface splits on it (``encode``/``__call__``/``tokenize``); more than one is a
    ValueError; an empty suffix after the split gives a plain encoding (no infill tokens). Meta's ``infill_ids`` takes
-   prefix and suffix separately.
+   prefix and suffix separately (a ``<FILL_ME>`` in them is plain text, as for Meta). ``suffix`` is keyword-only in
+   ``encode``/``__call__``: HF slow reads a second positional argument as a text pair (``[1, a.., 1, b..]``), HF fast
+   as the suffix (an infill prompt), so a positional one is refused rather than silently taking one meaning.
 3. Empty prefix: Meta and HF slow emit nothing between ``<PRE>`` and ``<SUF>``; HF fast emits a stray ``▁`` (29871).
    We follow Meta/slow.
 4. First-space on decode: ``decode_meta`` and ``decode`` drop the leading space of the first piece (completion);
@@ -43,7 +45,9 @@ Meta / HF differences handled (the engine builds its prompts with the Meta metho
    "Error: special tags are not allowed as part of the prompt." when a message contains ``[INST]``, ``[/INST]``,
    ``<<SYS>>``, ``<</SYS>>`` or ``<step>``; we raise ``ValueError`` instead, before any generation.
 8. Out-of-range ids in decode raise ValueError (sentencepiece raises IndexError); Meta's pad id -1 is dropped by
-   ``decode_meta`` only.
+   ``decode_meta`` only. Ids must be ints (Python, numpy or an integer tensor): floats and strings raise TypeError
+   (sentencepiece, Meta's decode, raises on floats; HF slow truncates 1.7 to 1 and reads "123" as [1, 2, 3]). Text
+   with a lone surrogate raises ValueError naming the argument (sentencepiece: an opaque pybind11 RuntimeError).
 9. ``encode_infilling``/``decode_infill`` use Meta's ☺ trick (encode "☺"+s, drop two ids; decode [☺]+ids, drop
    one character) when "☺" encodes as ``[▁, ☺]``; on a vocabulary where it does not (the trick would corrupt the
    ids) the equivalent no-dummy-prefix route is used (same ids as Meta wherever Meta's trick is valid).
@@ -60,12 +64,13 @@ chunks are encoded in one batched call; the ids are identical (tests compare lon
 from __future__ import annotations
 
 import json
+import operator
 import os
 import re
 import shutil
 import struct
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import sentencepiece as spm
 
@@ -85,6 +90,46 @@ _CHUNK_CHARS = 1024
 
 class InfillingNotSupported(ValueError):
     """The vocabulary has no ▁<PRE>/▁<SUF>/▁<MID> pieces (CodeLlama 34B and -Python models)."""
+
+
+def _check_text(text, what: str) -> str:
+    """``text`` as a str SentencePiece can take; else an error naming ``what`` (the caller and argument)."""
+    if not isinstance(text, str):
+        raise TypeError(f"{what} must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        # sentencepiece's own error for this is pybind11's "Unable to cast Python instance of type <class 'str'>".
+        raise ValueError(f"{what} is not valid Unicode: lone surrogate {text[e.start]!r} at index {e.start} "
+                         "(cannot be encoded as UTF-8)") from None
+    return text
+
+
+def _is_index(i) -> bool:
+    try:
+        operator.index(i)
+        return True
+    except TypeError:
+        return False
+
+
+def _as_ids(ids, what: str) -> list[int]:
+    """A flat list of Python ints from an int, a sequence of ints or an integer tensor/array. Floats and strings
+    are refused: int() would silently truncate 1.7 to 1 or read "123" as [1, 2, 3] (Meta's decode, i.e.
+    sentencepiece, raises TypeError on floats)."""
+    if hasattr(ids, "tolist"):
+        ids = ids.tolist()
+    if isinstance(ids, int):
+        return [ids]
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+        raise TypeError(f"{what} must be an int or a sequence of ints, got {type(ids).__name__}")
+    ids = list(ids)
+    try:
+        return [operator.index(i) for i in ids]
+    except TypeError:
+        bad = next(i for i in ids if not _is_index(i))
+        raise TypeError(f"{what} must be a flat sequence of ints, got an element {bad!r} of type "
+                        f"{type(bad).__name__}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -301,18 +346,17 @@ class CodeLlamaTokenizer:
 
     def encode_meta(self, s: str, bos: bool, eos: bool) -> list[int]:
         """Meta ``Tokenizer.encode``: SentencePiece with its implicit leading space, optional BOS/EOS."""
-        if not isinstance(s, str):
-            raise TypeError(f"encode_meta: text must be a str, got {type(s).__name__}")
-        t = self._chunked(s, self._sp.encode)
+        t = self._chunked(_check_text(s, "encode_meta: s"), self._sp.encode)
         return ([self.bos_id] if bos else []) + t + ([self.eos_id] if eos else [])
 
     def decode_meta(self, ids: Iterable[int]) -> str:
         """Meta ``Tokenizer.decode``: drops pad (-1) entries; control pieces decode to nothing; the first piece's
         leading space is removed."""
-        return self._sp.decode(self._check_ids([i for i in self._as_ids(ids) if i != -1]))
+        return self._sp.decode(self._check_ids([i for i in _as_ids(ids, "decode_meta: ids") if i != -1]))
 
     def encode_infilling(self, s: str) -> list[int]:
         """Meta ``encode_infilling``: the tokens of ``s`` with no implicit leading space (as in mid-text)."""
+        _check_text(s, "encode_infilling: s")
         if self._smiley_id is not None:
             return self._chunked(s, lambda t: self._sp.encode(_SMILEY + t)[2:])
         if s.startswith((" ", SPIECE_UNDERLINE)):
@@ -321,7 +365,7 @@ class CodeLlamaTokenizer:
 
     def decode_infill(self, ids: Iterable[int]) -> str:
         """Meta ``decode_infilling``: decodes a generated middle keeping a genuine leading space."""
-        ids = self._check_ids([i for i in self._as_ids(ids) if i != -1])
+        ids = self._check_ids([i for i in _as_ids(ids, "decode_infill: ids") if i != -1])
         if self._smiley_id is not None:
             return self._sp.decode([self._smiley_id] + ids)[1:]
         return self._sp_hf.decode(ids)
@@ -331,6 +375,8 @@ class CodeLlamaTokenizer:
     def infill_ids(self, prefix: str, suffix: str, suffix_first: bool = False) -> list[int]:
         """Meta ``infilling_prompt_tokens`` (SPEC §3.2): PSM ``<s> <PRE> pre <SUF>suf <MID>`` or SPM
         ``<s> <PRE> <SUF>suf <MID> pre``."""
+        _check_text(prefix, "infill_ids: prefix")
+        _check_text(suffix, "infill_ids: suffix")
         self._require_infilling()
         pre = self.encode_meta(prefix, bos=False, eos=False)
         suf = self.encode_infilling(suffix)
@@ -349,12 +395,24 @@ class CodeLlamaTokenizer:
     def chat_ids(self, messages: Sequence[dict]) -> list[int]:
         """Meta's chat prompt: [INST]/<<SYS>> format (SPEC §3.4) or, when the vocabulary has ``<step>`` (70B
         Instruct), the Source/Destination/<step> format (§3.5). Raises ValueError on special tags in messages."""
-        msgs = [dict(m) for m in messages]
+        if isinstance(messages, (str, bytes, dict)) or not isinstance(messages, Iterable):
+            raise TypeError(f"chat_ids: messages must be a list of dicts with 'role' and 'content', got "
+                            f"{type(messages).__name__}")
+        msgs = list(messages)
         if not msgs:
             raise ValueError("chat_ids: empty dialog")
-        for m in msgs:
+        for k, m in enumerate(msgs):
+            if not isinstance(m, Mapping):
+                raise TypeError(f"chat_ids: messages[{k}] must be a dict with 'role' and 'content', got "
+                                f"{type(m).__name__}")
+            msgs[k] = m = dict(m)
             if not isinstance(m.get("content"), str) or not isinstance(m.get("role"), str):
-                raise ValueError(f"chat_ids: each message needs str 'role' and 'content', got {m!r}")
+                raise ValueError(f"chat_ids: each message needs str 'role' and 'content', got messages[{k}] = "
+                                 f"{m!r}")
+            for key in ("role", "content", "destination"):
+                if key == "destination" and m.get(key) is None:
+                    continue
+                _check_text(m[key], f"chat_ids: messages[{k}][{key!r}]")
             if any(tag in m["content"] for tag in SPECIAL_TAGS):
                 raise ValueError(f"chat_ids: special tags {list(SPECIAL_TAGS)} are not allowed in messages "
                                  "(Meta replaces the reply by an error message instead)")
@@ -414,9 +472,12 @@ class CodeLlamaTokenizer:
         toks = self._sp_hf.encode(self.unk_token + text, out_type=out)
         return toks[self._unk_len:] if len(toks) >= self._unk_len else toks
 
-    def _hf_tokenize(self, prefix: str, suffix: str | None, suffix_first: bool | None, as_ids: bool) -> list:
-        if not isinstance(prefix, str):
-            raise TypeError(f"text must be a str, got {type(prefix).__name__}")
+    def _hf_tokenize(self, prefix: str, suffix: str | None, suffix_first: bool | None, as_ids: bool,
+                     names: tuple[str, str]) -> list:
+        """``names``: how errors call the text and the suffix, e.g. ("encode: text", "encode: suffix")."""
+        _check_text(prefix, names[0])
+        if suffix is not None:
+            _check_text(suffix, names[1])
         if self.fill_token is not None and suffix is None and self.fill_token in prefix:
             parts = prefix.split(self.fill_token)
             if len(parts) != 2:
@@ -453,34 +514,38 @@ class CodeLlamaTokenizer:
         return [p] + pre + [s] + suf + [m]
 
     def tokenize(self, text: str, suffix: str | None = None, suffix_first: bool | None = False) -> list[str]:
-        return self._hf_tokenize(text, suffix, suffix_first, as_ids=False)
+        return self._hf_tokenize(text, suffix, suffix_first, as_ids=False, names=("tokenize: text", "tokenize: suffix"))
 
-    def encode(self, text: str, suffix: str | None = None, suffix_first: bool | None = False,
+    def encode(self, text: str, *, suffix: str | None = None, suffix_first: bool | None = False,
                add_special_tokens: bool = True) -> list[int]:
         """HF ``encode``: splits on ``fill_token``; with a suffix builds the PSM/SPM prompt; BOS/EOS per
-        ``add_bos_token``/``add_eos_token`` when ``add_special_tokens``."""
-        ids = self._hf_tokenize(text, suffix, suffix_first, as_ids=True)
+        ``add_bos_token``/``add_eos_token`` when ``add_special_tokens``. ``suffix`` is keyword-only (difference 2)."""
+        return self._encode(text, suffix, suffix_first, add_special_tokens, ("encode: text", "encode: suffix"))
+
+    def _encode(self, text, suffix, suffix_first, add_special_tokens, names: tuple[str, str]) -> list[int]:
+        ids = self._hf_tokenize(text, suffix, suffix_first, as_ids=True, names=names)
         return self.build_inputs_with_special_tokens(ids) if add_special_tokens else ids
 
-    def __call__(self, text, suffix=None, suffix_first: bool | None = False, add_special_tokens: bool = True) -> dict:
-        """HF ``__call__``: ``{"input_ids": ..., "attention_mask": ...}``; lists of lists for a list of texts
-        (``suffix`` then None or a list of the same length). No padding, truncation or tensors."""
+    def __call__(self, text, *, suffix=None, suffix_first: bool | None = False,
+                 add_special_tokens: bool = True) -> dict:
+        """HF ``__call__``: ``{"input_ids": ..., "attention_mask": ...}``; lists of lists for a list of texts.
+        With a list of texts, a str ``suffix`` is the suffix of every text (as HF slow); a list of suffixes pairs
+        one with each text. No padding, truncation or tensors. ``suffix`` is keyword-only (difference 2)."""
         if isinstance(text, (list, tuple)):
-            sufs = [None] * len(text) if suffix is None else list(suffix)
+            if suffix is None or isinstance(suffix, str):
+                sufs = [suffix] * len(text)
+            elif isinstance(suffix, (list, tuple)):
+                sufs = list(suffix)
+            else:
+                raise TypeError(f"__call__: suffix must be None, a str or a list of str, got {type(suffix).__name__}")
             if len(sufs) != len(text):
                 raise ValueError(f"__call__: {len(text)} texts but {len(sufs)} suffixes")
-            ids = [self.encode(t, s, suffix_first, add_special_tokens) for t, s in zip(text, sufs)]
+            ids = [self._encode(t, s, suffix_first, add_special_tokens, (f"__call__: text[{k}]", "__call__: suffix"
+                                if isinstance(suffix, str) else f"__call__: suffix[{k}]"))
+                   for k, (t, s) in enumerate(zip(text, sufs))]
             return {"input_ids": ids, "attention_mask": [[1] * len(i) for i in ids]}
-        ids = self.encode(text, suffix, suffix_first, add_special_tokens)
+        ids = self._encode(text, suffix, suffix_first, add_special_tokens, ("__call__: text", "__call__: suffix"))
         return {"input_ids": ids, "attention_mask": [1] * len(ids)}
-
-    @staticmethod
-    def _as_ids(ids) -> list[int]:
-        if hasattr(ids, "tolist"):
-            ids = ids.tolist()
-        if isinstance(ids, int):
-            return [ids]
-        return [int(i) for i in ids]
 
     def _check_ids(self, ids: list[int]) -> list[int]:
         n = self.n_words
@@ -494,7 +559,7 @@ class CodeLlamaTokenizer:
     def convert_ids_to_tokens(self, ids, skip_special_tokens: bool = False):
         if isinstance(ids, int):
             return self._sp.id_to_piece(self._check_ids([ids])[0])
-        ids = self._check_ids(self._as_ids(ids))
+        ids = self._check_ids(_as_ids(ids, "convert_ids_to_tokens: ids"))
         if skip_special_tokens:
             ids = [i for i in ids if i not in self._special_id_set]
         return [self._sp.id_to_piece(i) for i in ids]
@@ -526,7 +591,7 @@ class CodeLlamaTokenizer:
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         """HF slow ``decode`` (``clean_up_tokenization_spaces=False``)."""
-        ids = self._check_ids(self._as_ids(ids))
+        ids = self._check_ids(_as_ids(ids, "decode: ids"))
         if skip_special_tokens:
             ids = [i for i in ids if i not in self._special_id_set]
         if not ids:
@@ -630,7 +695,11 @@ class IncrementalDetokenizer:
 
     def add(self, token_id: int) -> str:
         """Feeds one id; returns the new stable text (possibly "")."""
-        token_id = int(token_id)
+        try:
+            token_id = operator.index(token_id)
+        except TypeError:
+            raise TypeError(f"IncrementalDetokenizer.add: token_id must be an int, got {type(token_id).__name__}") \
+                from None
         self.tok._check_ids([token_id])
         self.ids.append(token_id)
         prefix_text = self._decode_window(self._prefix_offset, self._read_offset)

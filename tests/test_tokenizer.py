@@ -392,6 +392,100 @@ def test_out_of_range_ids(tok):
         tok.encode(123)
 
 
+def test_batch_call_str_suffix_applies_to_every_text(tok, hf_slow):
+    """A str suffix with a list of texts is each text's suffix in HF slow; it used to be split into characters and
+    zipped with the texts ("xy" -> "x" for the first text, "y" for the second)."""
+    texts = ["def f(", "b<FILL_ME>c", "x = "]
+    assert tok(texts[:2], suffix="xy") == dict(hf_slow(texts[:2], suffix="xy"))  # as many characters as texts
+    for suf in ("xy", "\n    return 1\n"):
+        assert tok(texts, suffix=suf) == dict(hf_slow(texts, suffix=suf))
+        assert tok(texts, suffix=suf, suffix_first=True) == dict(hf_slow(texts, suffix=suf, suffix_first=True))
+    assert tok(["a", "b"], suffix=["x", "y"])["input_ids"] == [hf_slow.encode("a", suffix="x"),
+                                                               hf_slow.encode("b", suffix="y")]
+
+
+def test_second_positional_argument_is_refused(tok, hf_slow, hf_fast):
+    """HF slow reads encode(a, b) as a text pair, HF fast as prefix and suffix: neither meaning can be silently
+    right, so suffix is keyword-only."""
+    a, b = (hf_slow.encode(x, add_special_tokens=False) for x in ("a", "b"))
+    assert hf_slow.encode("a", "b") == hf_slow.build_inputs_with_special_tokens(a, b)
+    assert hf_fast.encode("a", "b") == hf_slow.encode("a", suffix="b")
+    for call in (lambda: tok.encode("a", "b"), lambda: tok("a", "b")):
+        with pytest.raises(TypeError):
+            call()
+    assert tok.encode("a", suffix="b") == hf_slow.encode("a", suffix="b")
+
+
+def test_lone_surrogate_error_names_the_argument(tok, model_path):
+    """sentencepiece (so Meta and HF alike) fails on a lone surrogate with pybind11's opaque "Unable to cast"
+    RuntimeError; ours names the argument and the position."""
+    with pytest.raises(RuntimeError):
+        spm.SentencePieceProcessor(model_file=str(model_path)).encode("a\ud800")
+    calls = {"encode_meta: s": lambda: tok.encode_meta("a\ud800", True, False),
+             "encode_infilling: s": lambda: tok.encode_infilling("a\ud800"),
+             "infill_ids: prefix": lambda: tok.infill_ids("a\ud800", "b"),
+             "infill_ids: suffix": lambda: tok.infill_ids("a", "b\ud800"),
+             "encode: text": lambda: tok.encode("a\ud800"),
+             "encode: suffix": lambda: tok.encode("a", suffix="b\ud800"),
+             "tokenize: text": lambda: tok.tokenize("a\ud800"),
+             "__call__: text[1]": lambda: tok(["a", "a\ud800"]),
+             "chat_ids: messages[1]['content']": lambda: tok.chat_ids([
+                 {"role": "system", "content": "s"}, {"role": "user", "content": "x\udfff"}])}
+    for what, call in calls.items():
+        with pytest.raises(ValueError, match=r"lone surrogate '\\ud(800|fff)' at index 1") as e:
+            call()
+        assert str(e.value).startswith(what), (what, str(e.value))
+    # Unicode that is valid but unusual still agrees with SentencePiece (Meta's encode).
+    meta = MetaOracle(model_path)
+    for text in ("\x00", "a\x00b", "e\u0301\u0301", "\ufeff\u200bx\u3000", "\U0010ffff", "\r\n\r\t\x0b\x0c"):
+        assert tok.encode_meta(text, True, False) == meta.encode(text, True, False)
+        assert tok.decode_meta(meta.encode(text, True, False)) == meta.sp.decode(meta.encode(text, True, False))
+
+
+def test_ids_must_be_integers(tok, model_path):
+    """int() used to truncate float ids and read a str as digits: decode("123") decoded ids [1, 2, 3] and
+    detokenizer().add(1.9) fed id 1. Meta's decode (sentencepiece) raises TypeError on floats."""
+    import numpy as np
+    import torch
+    sp = spm.SentencePieceProcessor(model_file=str(model_path))
+    with pytest.raises(TypeError):
+        sp.decode([1.7, 5])
+    for fn, name in ((tok.decode_meta, "decode_meta"), (tok.decode_infill, "decode_infill"), (tok.decode, "decode"),
+                     (tok.convert_ids_to_tokens, "convert_ids_to_tokens")):
+        for bad in ([1.7, 5], "123", b"12", [[5, 6]], torch.tensor([5.0]), None):
+            with pytest.raises(TypeError, match=f"^{name}: ids must be"):
+                fn(bad)
+    det = tok.detokenizer()
+    for bad in (1.9, "5", None, [5]):
+        with pytest.raises(TypeError, match="^IncrementalDetokenizer.add: token_id must be an int"):
+            det.add(bad)
+    assert det.ids == []
+    ids = sp.encode("def f(x): return x")
+    for good in (ids, tuple(ids), np.array(ids), torch.tensor(ids), [np.int64(i) for i in ids]):
+        assert tok.decode_meta(good) == sp.decode(ids)
+    assert det.add(torch.tensor(ids[0])) + det.add(np.int64(ids[1])) == sp.decode(ids[:2])
+
+
+def test_bad_argument_errors_name_the_argument(tok, toy_models):
+    cases = [(lambda: tok.encode_infilling(None), TypeError, "encode_infilling: s must be a str, got NoneType"),
+             (lambda: tok.infill_ids("x", None), TypeError, "infill_ids: suffix must be a str, got NoneType"),
+             (lambda: tok.infill_ids(5, "x"), TypeError, "infill_ids: prefix must be a str, got int"),
+             (lambda: tok.encode("a", suffix=5), TypeError, "encode: suffix must be a str, got int"),
+             (lambda: tok.encode(b"a"), TypeError, "encode: text must be a str, got bytes"),
+             (lambda: tok(["a", 5]), TypeError, r"__call__: text\[1\] must be a str, got int"),
+             (lambda: tok(["a"], suffix=5), TypeError, "__call__: suffix must be None, a str or a list"),
+             (lambda: tok.chat_ids("hi"), TypeError, "chat_ids: messages must be a list of dicts"),
+             (lambda: tok.chat_ids(None), TypeError, "chat_ids: messages must be a list of dicts"),
+             (lambda: tok.chat_ids(["hi"]), TypeError, r"chat_ids: messages\[0\] must be a dict"),
+             (lambda: tok.chat_ids([{"role": "user"}]), ValueError, r"needs str 'role' and 'content'.*messages\[0\]")]
+    step = CodeLlamaTokenizer(toy_models["step"])
+    cases.append((lambda: step.chat_ids([{"role": "user", "content": "x", "destination": 5}]), TypeError,
+                  r"chat_ids: messages\[0\]\['destination'\] must be a str, got int"))
+    for call, exc, pattern in cases:
+        with pytest.raises(exc, match=pattern):
+            call()
+
+
 # ------------------------------------------------------------------------------------------------------- streaming
 def _stream(tok, ids, mode):
     d = tok.detokenizer(mode)
