@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .checkpoint import Checkpoint, open_checkpoint
+from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
 from .config import ModelArgs
 
 __all__ = ["Linear", "Transformer", "load_model", "default_dtype", "resolve_dtype", "estimate_memory"]
@@ -342,7 +342,10 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
         progress = sys.stderr.isatty() and ckpt.nbytes() > (1 << 30)
     total, t0 = len(ckpt), time.monotonic()
     for n, (name, t) in enumerate(ckpt.tensors(dtype=dt, device=device), 1):
-        model.load_weight(name, t)
+        try:
+            model.load_weight(name, t)
+        except ValueError as e:  # a weight the int8 quantizer refuses (NaN / inf): say which
+            raise CheckpointError(f"{os.fspath(path)}: tensor {name!r}: {e}") from None
         del t
         if progress:
             print(f"\rloading {os.path.basename(os.fspath(path))}: {n}/{total} tensors, "

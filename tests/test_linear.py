@@ -201,6 +201,10 @@ def test_quantize_int8_bad_input(device):
         ops.quantize_int8(w.T, 0)
     with pytest.raises(ValueError, match="non-empty second dimension"):
         ops.quantize_int8(w[:, :0], 0)
+    for bad in (float("nan"), float("inf")):
+        w[3, 5] = bad
+        with pytest.raises(ValueError, match="weight must be finite"):
+            ops.quantize_int8(w, 0)
 
 
 def test_linear_int8_bad_input(device):

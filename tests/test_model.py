@@ -287,6 +287,15 @@ def test_int8_quantized_close_to_float(folders):
     assert err < 0.05
 
 
+def test_int8_refuses_a_non_finite_weight(tmp_path, hf_models):
+    hf = copy.deepcopy(hf_models["mha"])
+    with torch.no_grad():
+        hf.model.layers[1].mlp.down_proj.weight[2, 3] = float("nan")
+    path = save_hf(hf, tmp_path)
+    with pytest.raises(CheckpointError, match=r"'layers\.1\.feed_forward\.w2\.weight'.*weight must be finite"):
+        load_model(path, dtype=torch.float32, quantize="int8", max_seq_len=8)
+
+
 def test_dtype_policy(folders):
     path = folders("gqa", "hf-bf16")
     assert load_model(path, dtype="auto", max_seq_len=8).dtype == torch.bfloat16

@@ -136,6 +136,11 @@ std::tuple<at::Tensor, at::Tensor> quantize_int8(const at::Tensor& weight, int64
   CODELLAMA_CHECK(op, group_size >= 0, "group_size must be >= 0 (0: one scale per row), got ", group_size);
   CODELLAMA_CHECK(op, group_size == 0 || K % group_size == 0, "group_size must divide K (", K, "), got ",
                   group_size);
+  // A NaN or inf leaves its group without a meaningful scale (the kernels' max skips NaN, the reference's turns
+  // NaN): such a weight is a broken checkpoint, refused here rather than quantised into finite nonsense. Load time
+  // only, so the device sync of the check on CUDA costs nothing that matters.
+  CODELLAMA_CHECK(op, N == 0 || at::isfinite(weight).all().item<bool>(),
+                  "weight must be finite, got a NaN or inf among its values");
   const int64_t G = group_size == 0 ? 1 : K / group_size;
   at::Tensor q = at::empty({N, K}, weight.options().dtype(at::kChar));
   at::Tensor scales = at::empty({N, G}, weight.options().dtype(at::kFloat));
