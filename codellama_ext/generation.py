@@ -11,6 +11,8 @@ Prefix reuse: the engine records which ids each cache slot holds (a prompt, then
 prompt takes the free slot holding the longest prefix of it and is prefilled from there (its last token always,
 for its logits): a resent prompt, a chat's next turn or an edit near the end of a file costs only the new tokens.
 Reused keys and values equal recomputed ones up to rounding, as they do when a prompt shares a batch with others.
+The records are dropped when anything else writes the cache (Transformer.cache_writes) or a weight is written in
+place (tensor version counters: load_weight, load_state_dict; a write through `.data` is not seen).
 
 Sampling stays on the device (ops.argmax / ops.sample); the only host synchronisation per step is one `.tolist()`
 of the new ids, which the stop checks need. On CUDA the decode step is captured once per batch-size bucket in a
@@ -161,8 +163,11 @@ class Engine:
         self.cuda_graphs = cuda_graphs and model.device.type == "cuda"
         self.prefix_cache = prefix_cache
         self._graphs: dict[int, _DecodeGraph] | None = None
-        self._held: list[list[int]] = [[] for _ in range(model.max_batch_size)]  # ids at positions 0.. per slot
+        # ids at positions 0.. per slot; None: unknown (forgotten while a run held the slot, which keeps writing
+        # it: it must not be rebuilt by appending the fed ids) until a prefill writes the slot again
+        self._held: list[list[int] | None] = [None] * model.max_batch_size
         self._writes_seen = model.cache_writes
+        self._weights_seen = self._weights_version()
 
     @property
     def buckets(self) -> list[int]:
@@ -178,11 +183,27 @@ class Engine:
             pool = torch.cuda.graph_pool_handle()
             self._graphs = {b: _DecodeGraph(self.model, b, pool) for b in reversed(self.buckets)}
 
-    def _held_ids(self) -> list[list[int]]:
+    def _weights_version(self) -> int:
+        """Changes whenever a weight the model computes with is written in place (load_weight, load_state_dict,
+        an edit of a tensor): keys and values computed before then are not what the model computes now."""
+        m = self.model
+        weights, scales = m._layer_tensors()  # rebuilt after _apply, which also counts as a cache write
+        out = m.output
+        tensors = (m.tok_embeddings, m.norm, *((out.qweight, out.scales) if out.quantized else (out.weight,)),
+                   *weights, *scales)
+        return sum(t._version for t in tensors if not t.is_inference())  # inference tensors have no counter
+
+    def _held_ids(self, check_weights: bool = False) -> list[list[int] | None]:
         """The per-slot records; forgotten when anything but this engine has written the cache since its last
-        write (model.forward or decode_step from elsewhere, another engine, reset_cache, a dtype change)."""
-        if self.model.cache_writes != self._writes_seen:
-            self._held = [[] for _ in self._held]
+        write (model.forward or decode_step from elsewhere, another engine, reset_cache, a dtype change) and,
+        with check_weights (where reuse is decided: admit), when the weights changed since the last check."""
+        stale = self.model.cache_writes != self._writes_seen
+        if check_weights:
+            version = self._weights_version()
+            stale |= version != self._weights_seen
+            self._weights_seen = version
+        if stale:
+            self._held = [None] * len(self._held)
         return self._held
 
     def _wrote(self) -> None:
@@ -192,14 +213,14 @@ class Engine:
         """Prefills `prompts` in one packed forward, each into the free slot (taken out of `free`) holding the
         longest prefix of it, from the end of that prefix. -> last-token logits [k, V], slots, reused lengths."""
         self.prepare()
-        held = self._held_ids()
+        held = self._held_ids(check_weights=True)
         slots, starts = [], []
         for ids in prompts:
-            shared = {s: _shared_prefix(held[s], ids) if self.prefix_cache else 0 for s in free}
-            best = max(free, key=lambda s: (shared[s], -len(held[s])))  # among equals: the least to lose
+            shared = {s: _shared_prefix(held[s] or [], ids) if self.prefix_cache else 0 for s in free}
+            best = max(free, key=lambda s: (shared[s], -len(held[s] or [])))  # among equals: the least to lose
             free.remove(best)
             start = min(shared[best], len(ids) - 1)
-            held[best] = held[best][:start]  # the prefill overwrites the rest
+            held[best] = (held[best] or [])[:start]  # the prefill overwrites the rest
             slots.append(best)
             starts.append(start)
         dev = self.model.device
@@ -214,7 +235,7 @@ class Engine:
 
     def padding_slots(self, free: list[int]) -> list[int]:
         """Free slots in the order CUDA-graph padding rows overwrite their position 0: least held first."""
-        return sorted(free, key=lambda s: len(self._held[s]))
+        return sorted(free, key=lambda s: len(self._held[s] or []))
 
     def decode(self, tok: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, pad_slots: torch.Tensor,
                fed: list[tuple[int, int]], pads: list[int]) -> torch.Tensor:
@@ -231,7 +252,8 @@ class Engine:
             logits = self.model.decode_step(tok, pos, slot)
         self._wrote()
         for s, t in fed:
-            held[s].append(t)
+            if held[s] is not None:
+                held[s].append(t)
         return logits
 
     def check_prompts(self, prompts: Sequence[Sequence[int]]) -> list[list[int]]:

@@ -279,6 +279,80 @@ def test_padding_rows_evict_the_prefix_they_overwrite(folder, expected):
     assert (res.cached_tokens, res.tokens) == (0, ref)
 
 
+def test_prefix_records_forgotten_when_the_weights_change(folder):
+    """Keys and values held from before an in-place weight update (load_weight, load_state_dict: a fine-tune
+    loaded into the running model) are not what the model computes now: the prompt is prefilled whole again.
+    Was: the resent prompt reused 11 stale positions and continued differently from prefix_cache=False."""
+    model = load_model(folder, dtype=torch.float32, max_seq_len=64, max_batch_size=1)
+    engine, sp = Engine(model), SamplingParams(max_new_tokens=10)
+    p = random_prompts(1, seed=5, lengths=(12,))[0]
+    before = engine.generate([p], sp, [])[0].tokens
+    hq, hkv = model.args.n_heads * model.args.head_dim, model.args.n_kv_heads * model.args.head_dim
+    model.load_weight("layers.0.attention.wk.weight", 0.5 * model.layers[0].wqkv.weight[hq:hq + hkv])
+    res = engine.generate([p], sp, [])[0]
+    ref = Engine(model, prefix_cache=False).generate([p], sp, [])[0].tokens  # after: its prefill clears records
+    assert (res.cached_tokens, res.tokens) == (0, ref) and ref != before
+
+
+def test_prefix_records_not_rebuilt_after_a_write_during_a_run(folder, hf):
+    """A cache write from elsewhere during a run drops the records; the run's own slot must stay unknown, not
+    start a new record from the ids it feeds next (which sit at positions 12.., not 0..).
+    Was: the slot then 'held' the fed ids from position 0, and a prompt starting with them reused 6 positions
+    that hold the first prompt's keys and values."""
+    engine = Engine(load_model(folder, dtype=torch.float32, max_seq_len=64, max_batch_size=1))
+    p = random_prompts(1, seed=5, lengths=(12,))[0]
+    run = engine.run([p], SamplingParams(max_new_tokens=10), [])
+    for i, _ in enumerate(run):
+        if i == 0:
+            engine.model.to(torch.float32)  # leaves the cache as it is, but counts as a write (_apply)
+    q = run.results[0].tokens[:6] + [7, 8]
+    res = engine.generate([q], SamplingParams(max_new_tokens=N_NEW), [])[0]
+    assert (res.cached_tokens, res.tokens) == (0, hf_greedy(hf, q, N_NEW, stop_id=None)[0])
+
+
+def test_prefix_reuse_equals_no_reuse_over_random_calls(folder):
+    """Seeded random call sequences (resent prompts, prompts extended by their outputs, cut, edited or grown to
+    the window end, repeated within a batch, batches larger than the cache), with stop ids and budgets that end
+    rows at different steps, rows finished by the consumer, abandoned runs, a repetition penalty, logprobs and
+    the padded CUDA-graph step (emulated on the CPU): the same ids as an engine that prefills every prompt whole."""
+    from codellama_ext.generation import _DecodeGraph
+    reused = 0
+    for seed, slots, padded in ((1, 3, False), (4, 4, True)):
+        rng = random.Random(seed)
+        on, off = (Engine(load_model(folder, dtype=torch.float32, max_seq_len=64, max_batch_size=slots),
+                          prefix_cache=cache) for cache in (True, False))
+        if padded:
+            on._graphs = {b: _DecodeGraph(on.model, b, None, capture=False) for b in on.buckets}
+        history = [[1, 5, 6]]
+        for _ in range(12):
+            prompts = []
+            for _ in range(rng.choice([1, 2, slots - 1, slots + 2])):
+                h, kind, extra = rng.choice(history[-6:]), rng.random(), [rng.randrange(3, 1200) for _ in range(5)]
+                p = (h if kind < 0.3 else h + extra[:rng.randrange(1, 4)] if kind < 0.55  # resent; next turn
+                     else h[:rng.randrange(1, len(h) + 1)] + extra[:rng.randrange(0, 3)] if kind < 0.8  # cut, edit
+                     else h + extra * 13 if kind < 0.9 else prompts[-1] if prompts else h)  # window end; repeat
+                prompts.append(p[:rng.choice([63, 62, 60, 40])] or [1])
+            sp = SamplingParams(max_new_tokens=rng.randrange(1, 16), repetition_penalty=rng.choice([1.0, 1.0, 1.3]))
+            stops, logprobs = rng.choice([[], [EOS], [EOS, 110, 893]]), rng.random() < 0.3
+            abandon, finish = rng.choice([None, None, 1, 4]), (rng.randrange(4), rng.randrange(len(prompts)))
+            results = []
+            for engine in (on, off):
+                run = engine.run(prompts, sp, stops, logprobs)
+                for step, _ in enumerate(run):
+                    if step == finish[0]:
+                        run.finish(finish[1])
+                    if step + 1 == abandon:
+                        run.close()
+                results.append(run.results)
+            for p, a, b in zip(prompts, *results):
+                assert (a.tokens, a.finish_reason) == (b.tokens, b.finish_reason)
+                if logprobs:
+                    assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+                reused += a.cached_tokens
+                history += [p, p + a.tokens]
+    assert reused > 200
+
+
 @pytest.fixture(scope="module")
 def folder_d64(spm_models, tmp_path_factory):
     """As `folder`, with head_dim 64: the CUDA attention kernels take head_dim 64 or 128 (CodeLlama: 128)."""
