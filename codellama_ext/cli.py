@@ -306,6 +306,9 @@ def _sampling_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible (same device and dtype)")
     p.add_argument("--stop", action="append", type=_text, default=None, metavar="TEXT",
                    help="stop when this text is generated (repeatable; the text is not printed)")
+    p.add_argument("--prompt-lookup", "--prompt_lookup", dest="prompt_lookup", type=_non_negative_int, default=0,
+                   metavar="N", help="greedy only: draft up to N tokens by copying from the prompt and output, "
+                                     "checked in one forward (same text, faster where code repeats; default 0: off)")
 
 
 def _generation_parser(sub, name: str, **kw):
@@ -385,7 +388,7 @@ def _load(ns):
 
 def _sampling(ns) -> dict:
     return {k: getattr(ns, k) for k in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty",
-                                        "seed", "stop")}
+                                        "seed", "stop", "prompt_lookup")}
 
 
 def _write_stream(deltas, newline: bool | None = None) -> str:

@@ -36,15 +36,20 @@ __all__ = ["SamplingParams", "GenerationResult", "Engine", "Run"]
 # The sampler divides fp32 logits by the temperature: under 1e-30 logits of magnitude 3.4e8 would overflow to inf
 # (inf - inf = NaN probabilities), and at such temperatures sampling is the argmax anyway.
 _MIN_SAMPLING_TEMPERATURE = 1e-30
+_LOOKUP_NGRAM = 3  # the longest tail prompt_lookup matches (then shorter ones)
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens. temperature 0 = greedy (and below 1e-30, where logits / temperature could overflow fp32:
-    the limit of sampling as the temperature goes to 0 is the argmax); top_k 0 = off; top_p 1 = off (Meta's rule: drop the tokens whose
-    probability mass before them exceeds top_p); repetition_penalty as HF's (logits of every token already in the
-    prompt or output divided by it when positive, multiplied when negative); stop: strings that end the text (the
-    text before the first one is returned); seed: reproducible sampling on one device and dtype."""
+    the limit of sampling as the temperature goes to 0 is the argmax); top_k 0 = off; top_p 1 = off (Meta's rule:
+    drop the tokens whose probability mass before them exceeds top_p); repetition_penalty as HF's (logits of every
+    token already in the prompt or output divided by it when positive, multiplied when negative); stop: strings
+    that end the text (the text before the first one is returned); seed: reproducible sampling on one device and
+    dtype. prompt_lookup: greedy only; while one row is left, draft up to this many tokens by copying what followed
+    the latest earlier occurrence of the text's last 1-3 tokens (in the prompt or output; code repeats itself) and
+    check them all in one forward: the same tokens as plain greedy decoding, several per step when the draft is
+    right (0 = off)."""
 
     max_new_tokens: int = 256
     temperature: float = 0.0
@@ -53,6 +58,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    prompt_lookup: int = 0
 
     def __post_init__(self):
         stop = self.stop
@@ -81,7 +87,11 @@ class SamplingParams:
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
                                       or not -2 ** 63 <= self.seed < 2 ** 64):
             raise ValueError(f"seed must be an integer in [-2**63, 2**64) or None, got {self.seed!r}")
-
+        if isinstance(self.prompt_lookup, bool) or not isinstance(self.prompt_lookup, int) or self.prompt_lookup < 0:
+            raise ValueError(f"prompt_lookup must be an integer >= 0 (0 = off), got {self.prompt_lookup!r}")
+        if self.prompt_lookup and not (self.greedy and self.repetition_penalty == 1):
+            raise ValueError("prompt_lookup drafts are checked against greedy choices: it needs temperature 0 and "
+                             "no repetition_penalty")
 
     @property
     def greedy(self) -> bool:
@@ -106,6 +116,7 @@ class GenerationResult:
     logprobs: list[float] | None = None
     finish_reason: str = "length"
     cached_tokens: int = 0  # leading prompt tokens whose keys / values an earlier run left in the cache
+    accepted_drafts: int = 0  # new tokens that came from a confirmed prompt_lookup draft
 
 
 class _DecodeGraph:
@@ -256,6 +267,24 @@ class Engine:
                 held[s].append(t)
         return logits
 
+    def verify(self, slot: int, at: int, ids: list[int]) -> torch.Tensor:
+        """Logits [len(ids), V] of feeding `ids` to one slot at positions at, at + 1, ... (one forward). The
+        slot's record is cut at `at`: which written positions hold accepted tokens is the caller's to say (hold)."""
+        held = self._held_ids()
+        if held[slot] is not None:
+            held[slot] = held[slot][:at]
+        dev = self.model.device
+        logits = self.model.forward(torch.tensor(ids, dtype=torch.int64, device=dev), torch.tensor([at]),
+                                    cu_seqlens=torch.tensor([0, len(ids)]), slots=torch.tensor([slot]))
+        self._wrote()
+        return logits
+
+    def hold(self, slot: int, at: int, ids: list[int]) -> None:
+        """Records that positions at, at + 1, ... of `slot` hold `ids` (written by the last verify)."""
+        rec = self._held[slot]
+        if rec is not None and len(rec) == at:  # else the records were forgotten meanwhile
+            rec += ids
+
     def check_prompts(self, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
         """Validates prompt ids (ValueError naming the prompt and the rule); returns them as lists of ints."""
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
@@ -369,12 +398,44 @@ class Run:
             return tok, None
         return tok, torch.log_softmax(raw, dim=-1).gather(1, tok[:, None])[:, 0]
 
+    def _draft(self, r: int, at: int) -> list[int]:
+        """Prompt lookup for row r, whose last token is about to be fed at position `at`: what followed the latest
+        earlier occurrence of its last 3 (else 2, else 1) tokens, capped so that the verified tokens stay within
+        the row's budget and the context window."""
+        res = self.results[r]
+        k = min(self.params.prompt_lookup, self._budget[r] - len(res.tokens) - 1,
+                self.engine.model.max_seq_len - 1 - at)
+        if k <= 0:
+            return []
+        ctx = self.prompts[r] + res.tokens
+        n_ctx = len(ctx)
+        for n in range(min(_LOOKUP_NGRAM, n_ctx - 1), 0, -1):
+            tail = ctx[n_ctx - n:]
+            for start in range(n_ctx - n - 1, -1, -1):
+                if ctx[start] == tail[0] and ctx[start:start + n] == tail:
+                    return ctx[start + n:start + n + k]
+        return []
+
+    @torch.inference_mode()
+    def _verify(self, r: int, slot: int, at: int, draft: list[int]) -> list[tuple[int, float | None]]:
+        """Feeds row r's last token and `draft` in one forward; returns the greedy tokens (and log-probabilities)
+        up to and including the first that differs from the draft: those plain greedy decoding would pick."""
+        fed = [self.results[r].tokens[-1]] + draft
+        tok, lp = self._choose(self.engine.verify(slot, at, fed), None)
+        chosen = tok.tolist()
+        lps = lp.tolist() if lp is not None else [None] * len(chosen)
+        m = next((i for i, (c, d) in enumerate(zip(chosen, draft)) if c != d), len(draft))
+        self.engine.hold(slot, at, fed[:m + 1])  # the later positions hold rejected draft tokens
+        self.results[r].accepted_drafts += m
+        return list(zip(chosen[:m + 1], lps[:m + 1]))
+
     def _generate(self) -> Iterator[list[tuple[int, int]]]:
         """Continuous batching: up to max_batch_size rows decode together; a finished row's cache slot is
         refilled with the next queued prompt (prefilled in the same step), so a long row never idles the rest."""
         model, p = self.engine.model, self.params
         dev, window = model.device, model.max_seq_len
-        budget = [min(p.max_new_tokens, window - len(ids)) for ids in self.prompts]
+        budget = self._budget = [min(p.max_new_tokens, window - len(ids)) for ids in self.prompts]
+        pending: list[tuple[int, float | None]] = []  # tokens a verified draft chose for the next steps (one row)
         queue = list(range(len(self.prompts)))[::-1]  # popped from the end
         free = list(range(model.max_batch_size))[::-1]
         live: list[int] = []  # rows, in the order of the rows of logits / tok / pos / slot / seen
@@ -396,9 +457,13 @@ class Run:
                     logits, pos, slot = (torch.cat([a, b]) for a, b in zip((logits, pos, slot), parts))
                     seen = torch.cat([seen, parts[3]]) if seen is not None else None
                 live += new
-            tok, lp = self._choose(logits, seen)
-            ids = tok.tolist()
-            lps = lp.tolist() if lp is not None else None
+            if pending:
+                t, lp0 = pending.pop(0)
+                ids, lps = [t], (None if lp0 is None else [lp0])
+            else:
+                tok, lp = self._choose(logits, seen)
+                ids = tok.tolist()
+                lps = lp.tolist() if lp is not None else None
             step = []
             for j, r in enumerate(live):
                 res = self.results[r]
@@ -424,6 +489,18 @@ class Run:
                     tok, pos, slot = tok[idx], pos[idx], slot[idx]
                     seen = seen[idx] if seen is not None else None
                     live = [live[j] for j in keep]
+                if live and p.prompt_lookup and len(live) == 1 and not queue:
+                    # one row left: its next token is fed at a host-known position (no device read)
+                    r = live[0]
+                    at = len(self.prompts[r]) + len(self.results[r].tokens) - 1
+                    if pending:  # the token just emitted was a confirmed draft token: already in the cache
+                        continue
+                    draft = self._draft(r, at)
+                    if draft:
+                        pending = self._verify(r, slot_of[r], at, draft)
+                        continue
+                    tok = torch.tensor(self.results[r].tokens[-1:], dtype=torch.int64, device=dev)
+                    pos = torch.tensor([at], dtype=torch.int32, device=dev)
                 if live:
                     if pad_slots is None:  # padding rows of a CUDA graph bucket write position 0 of these
                         pads = self.engine.padding_slots(free)

@@ -140,6 +140,18 @@ def test_stop_strings_cut_exactly(llm, expected_complete):
         [llm.complete(COMPLETE[0], max_new_tokens=N, stop=s1), full[:full.find(s1)]]
 
 
+def test_prompt_lookup_gives_the_same_text(llm, ref_infill, expected_complete):
+    assert llm.complete(COMPLETE, max_new_tokens=N, prompt_lookup=5) == expected_complete
+    pre, suf = INFILL[1]
+    assert llm.infill(pre, suf, max_new_tokens=N, prompt_lookup=5) == \
+        llm.tokenizer.decode_infill(ref_infill[False][1][0])
+    assert llm.chat(DIALOGS[0], max_new_tokens=N, prompt_lookup=5) == llm.chat(DIALOGS[0], max_new_tokens=N)
+    full = expected_complete[1]
+    stop = full[10:13]  # may fall inside a step's several confirmed tokens: still cut exactly
+    assert llm.complete(COMPLETE[1], max_new_tokens=N, stop=stop, prompt_lookup=5) == full[:full.find(stop)]
+    assert "".join(llm.stream(COMPLETE[1], max_new_tokens=N, prompt_lookup=5)) == full
+
+
 def test_stream_deltas_join_to_result(llm, ref_infill, expected_complete):
     pre, suf = INFILL[1]
     tok = llm.tokenizer

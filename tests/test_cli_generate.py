@@ -132,6 +132,16 @@ def test_complete_sampling_flags_match_api(folders, llm, capsys, monkeypatch):
     assert (rc, out) == (0, want)
 
 
+def test_prompt_lookup_flag(folders, llm, capsys, monkeypatch):
+    rc, out, _ = run_cli(capsys, monkeypatch, "complete", CODE, *on_cpu(folders["infill"]), "--max-new-tokens", 16,
+                         "--prompt-lookup", 4)
+    assert (rc, out) == (0, llm.complete(CODE, max_new_tokens=16))
+    rc, out, err = run_cli(capsys, monkeypatch, "complete", CODE, *on_cpu(folders["infill"]), "--prompt-lookup", 4,
+                           "--temperature", 0.5)
+    assert rc == 1 and out == ""
+    one_line_error(err, "prompt_lookup", "temperature 0")
+
+
 def test_complete_stop_strings_cut_exactly(folders, llm, capsys, monkeypatch):
     full = llm.complete(CODE, max_new_tokens=24)
     assert len(full) >= 8, f"need a longer continuation to cut: {full!r}"

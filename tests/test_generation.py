@@ -353,6 +353,48 @@ def test_prefix_reuse_equals_no_reuse_over_random_calls(folder):
     assert reused > 200
 
 
+def test_prompt_lookup_equals_greedy(folder, hf):
+    """Drafts checked in one forward give plain greedy's tokens, logprobs and finish reasons (and transformers'),
+    with budgets and the window end cutting a draft, alone and when a batch is down to one row."""
+    engine = Engine(load_model(folder, dtype=torch.float32, max_seq_len=40, max_batch_size=2), prefix_cache=False)
+    prompts = random_prompts(N_PROMPTS)
+    accepted = 0
+    for n_new in (N_NEW, 3, 40):  # 40: every prompt runs into the window (max_seq_len 40)
+        plain = engine.generate(prompts, SamplingParams(max_new_tokens=n_new), [EOS], logprobs=True)
+        for p, ref in zip(prompts, plain):
+            res = engine.generate([p], SamplingParams(max_new_tokens=n_new, prompt_lookup=4), [EOS], logprobs=True)[0]
+            assert (res.tokens, res.finish_reason) == (ref.tokens, ref.finish_reason)
+            assert res.logprobs == pytest.approx(ref.logprobs, abs=1e-5)
+            accepted += res.accepted_drafts
+        batch = engine.generate(prompts, SamplingParams(max_new_tokens=n_new, prompt_lookup=4), [EOS])
+        assert [(r.tokens, r.finish_reason) for r in batch] == [(r.tokens, r.finish_reason) for r in plain]
+    assert accepted > 0  # drafts were right, or this test would prove nothing
+    for p in prompts:
+        assert engine.generate([p], SamplingParams(max_new_tokens=N_NEW, prompt_lookup=4), [EOS])[0].tokens == \
+            hf_greedy(hf, p, N_NEW)[0]
+
+
+def test_prompt_lookup_keeps_prefix_records_exact(folder, hf):
+    """Rejected draft tokens are written to the cache past the accepted ones: they must never be reused."""
+    engine = Engine(load_model(folder, dtype=torch.float32, max_seq_len=96, max_batch_size=1))
+    sp = SamplingParams(max_new_tokens=N_NEW, prompt_lookup=6)
+    p = random_prompts(3)[2]  # its greedy output repeats itself: drafts are accepted
+    first = engine.generate([p], sp, [])[0]
+    assert first.accepted_drafts > 0
+    resent = p + first.tokens  # the last output token was never fed: all but it are held
+    for q, held in ((resent, len(resent) - 1), (p + first.tokens[:7] + [5, 6], len(p) + 7)):
+        res = engine.generate([q], sp, [])[0]
+        assert (res.cached_tokens, res.tokens) == (held, hf_greedy(hf, q, N_NEW, stop_id=None)[0])
+
+
+def test_prompt_lookup_refused_with_sampling():
+    with pytest.raises(ValueError, match="prompt_lookup must be an integer >= 0"):
+        SamplingParams(prompt_lookup=-1)
+    for kw in (dict(temperature=0.7), dict(repetition_penalty=1.2)):
+        with pytest.raises(ValueError, match="needs temperature 0 and no repetition_penalty"):
+            SamplingParams(prompt_lookup=4, **kw)
+
+
 @pytest.fixture(scope="module")
 def folder_d64(spm_models, tmp_path_factory):
     """As `folder`, with head_dim 64: the CUDA attention kernels take head_dim 64 or 128 (CodeLlama: 128)."""

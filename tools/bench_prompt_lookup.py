@@ -1,0 +1,97 @@
+"""Prompt-lookup decoding benchmark: greedy completion of real code with and without drafts copied from the text,
+ours (SamplingParams.prompt_lookup) against transformers' generate (prompt_lookup_num_tokens) on the same weights.
+
+    PYTHONPATH=. python tools/bench_prompt_lookup.py [--model FOLDER] [--draft 4 8] [--new-tokens 64] ...
+
+Prompts: the first --lines lines of each of this repository's own Python files (code the embedded default model,
+trained on the Python standard library, never saw). Every completion runs for exactly --new-tokens tokens (no
+stop id). "same": the prompts whose tokens equal plain greedy's (all, in float32; in 16-bit a draft checked in a
+multi-token forward can flip a near-tie of one unit in the last place, as a different batch can); decode tokens/s
+= all new tokens after the first / (all wall time - the time of the same calls for one new token: the prefills).
+"accepted": the share of those tokens that came from a confirmed draft. Paste the table into benchmarks/RESULTS.md with the machine, date and command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import time
+
+import torch
+
+from codellama_ext import CodeLlama
+from codellama_ext.api import DEFAULT_MODEL_DIR
+from codellama_ext.benchmark import hf_from_meta
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def prompts(tokenizer, lines: int) -> list[list[int]]:
+    out = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "codellama_ext", "*.py"))):
+        with open(path, encoding="utf-8") as f:
+            head = "".join(f.readlines()[:lines])
+        out.append(tokenizer.encode_meta(head, bos=True, eos=False))
+    return out
+
+
+def ours(llm: CodeLlama, ids: list[list[int]], n: int, draft: int) -> tuple[float, list[list[int]], int]:
+    """(seconds, tokens per prompt, accepted draft tokens) for greedy completions of n tokens each."""
+    t0 = time.perf_counter()
+    res = [llm.generate([p], stop_ids=[], max_new_tokens=n, prompt_lookup=draft)[0] for p in ids]
+    return time.perf_counter() - t0, [r.tokens for r in res], sum(r.accepted_drafts for r in res)
+
+
+def theirs(model, ids: list[list[int]], n: int, draft: int, device: str, eos: int) -> float:
+    t0 = time.perf_counter()
+    for p in ids:
+        x = torch.tensor([p], device=device)
+        with torch.inference_mode():
+            model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=n,
+                           min_new_tokens=n, pad_token_id=0, eos_token_id=eos, temperature=None, top_p=None,
+                           top_k=None, prompt_lookup_num_tokens=draft or None)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="model folder (default: the embedded model)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    ap.add_argument("--draft", type=int, nargs="+", default=[4, 8], help="draft lengths to compare with 0")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--lines", type=int, default=30, help="lines of each file in its prompt")
+    ap.add_argument("--prompts", type=int, default=None, help="use the first N files only (default: all)")
+    ap.add_argument("--no-hf", action="store_true", help="skip transformers")
+    a = ap.parse_args()
+    dtype = getattr(torch, a.dtype)
+    llm = CodeLlama.from_pretrained(a.model, device=a.device, dtype=dtype, max_seq_len=2048, max_batch_size=1,
+                                    prefix_cache=False)  # each completion prefills its whole prompt
+    ids = prompts(llm.tokenizer, a.lines)[:a.prompts]
+    n_tok = len(ids) * (a.new_tokens - 1)
+    hf = None if a.no_hf else hf_from_meta(a.model, dtype, a.device)
+    ours(llm, ids[:1], 4, 0)  # warm-up
+    print(f"# bench_prompt_lookup: {os.path.basename(os.path.abspath(a.model))}, {a.device} {a.dtype}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; {len(ids)} prompts of {a.lines} lines "
+          f"(mean {sum(map(len, ids)) / len(ids):.0f} tokens), {a.new_tokens} new tokens each, greedy")
+    print("| draft | ours (decode tok/s) | accepted | same | ours vs no draft | transformers (decode tok/s) "
+          "| ours / transformers |")
+    print("|---|---|---|---|---|---|---|")
+    prefill = ours(llm, ids, 1, 0)[0]
+    peer_prefill = None if hf is None else theirs(hf, ids, 1, 0, a.device, llm.tokenizer.eos_id)
+    base_s, base_tokens, _ = ours(llm, ids, a.new_tokens, 0)
+    base_s -= prefill
+    for draft in [0, *a.draft]:
+        s, tokens, accepted = (base_s, base_tokens, 0) if draft == 0 else ours(llm, ids, a.new_tokens, draft)
+        s -= 0 if draft == 0 else prefill
+        same = sum(t == b for t, b in zip(tokens, base_tokens))
+        peer = "" if hf is None else \
+            n_tok / (theirs(hf, ids, a.new_tokens, draft, a.device, llm.tokenizer.eos_id) - peer_prefill)
+        ratio = "" if hf is None else f"{n_tok / s / peer:.2f}x"
+        print(f"| {draft} | {n_tok / s:.1f} | {100 * accepted / n_tok:.0f}% | {same}/{len(ids)} | {base_s / s:.2f}x | "
+              f"{'' if hf is None else f'{peer:.1f}'} | {ratio} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
