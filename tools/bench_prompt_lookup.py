@@ -8,7 +8,8 @@ trained on the Python standard library, never saw). Every completion runs for ex
 stop id). "same": the prompts whose tokens equal plain greedy's (all, in float32; in 16-bit a draft checked in a
 multi-token forward can flip a near-tie of one unit in the last place, as a different batch can); decode tokens/s
 = all new tokens after the first / (all wall time - the time of the same calls for one new token: the prefills).
-"accepted": the share of those tokens that came from a confirmed draft. Paste the table into benchmarks/RESULTS.md with the machine, date and command.
+"accepted": the share of those tokens that came from a confirmed draft. Paste the table into
+benchmarks/RESULTS.md with the machine, date and command.
 """
 
 from __future__ import annotations
