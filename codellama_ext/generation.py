@@ -37,6 +37,7 @@ __all__ = ["SamplingParams", "GenerationResult", "Engine", "Run"]
 # (inf - inf = NaN probabilities), and at such temperatures sampling is the argmax anyway.
 _MIN_SAMPLING_TEMPERATURE = 1e-30
 _LOOKUP_NGRAM = 3  # the longest tail prompt_lookup matches (then shorter ones)
+_LOOKUP_MAX_WAIT = 15  # the most plain steps between drafts after rejected ones
 
 
 @dataclass(frozen=True)
@@ -427,6 +428,10 @@ class Run:
         m = next((i for i, (c, d) in enumerate(zip(chosen, draft)) if c != d), len(draft))
         self.engine.hold(slot, at, fed[:m + 1])  # the later positions hold rejected draft tokens
         self.results[r].accepted_drafts += m
+        # A rejected draft cost a wider forward for one token: after each in a row, draft again only after
+        # 1, 3, 7, then 15 plain steps (text that does not repeat itself then costs little).
+        self._lookup_misses = 0 if m else self._lookup_misses + 1
+        self._lookup_wait = min(2 ** self._lookup_misses - 1, _LOOKUP_MAX_WAIT)
         return list(zip(chosen[:m + 1], lps[:m + 1]))
 
     def _generate(self) -> Iterator[list[tuple[int, int]]]:
@@ -435,6 +440,7 @@ class Run:
         model, p = self.engine.model, self.params
         dev, window = model.device, model.max_seq_len
         budget = self._budget = [min(p.max_new_tokens, window - len(ids)) for ids in self.prompts]
+        self._lookup_misses = self._lookup_wait = 0
         pending: list[tuple[int, float | None]] = []  # tokens a verified draft chose for the next steps (one row)
         queue = list(range(len(self.prompts)))[::-1]  # popped from the end
         free = list(range(model.max_batch_size))[::-1]
@@ -495,7 +501,8 @@ class Run:
                     at = len(self.prompts[r]) + len(self.results[r].tokens) - 1
                     if pending:  # the token just emitted was a confirmed draft token: already in the cache
                         continue
-                    draft = self._draft(r, at)
+                    draft = [] if self._lookup_wait else self._draft(r, at)
+                    self._lookup_wait = max(self._lookup_wait - 1, 0)
                     if draft:
                         pending = self._verify(r, slot_of[r], at, draft)
                         continue

@@ -7,7 +7,7 @@ Prompts: the first --lines lines of each of this repository's own Python files (
 trained on the Python standard library, never saw). Every completion runs for exactly --new-tokens tokens (no
 stop id). "same": the prompts whose tokens equal plain greedy's (all, in float32; in 16-bit a draft checked in a
 multi-token forward can flip a near-tie of one unit in the last place, as a different batch can); decode tokens/s
-= all new tokens after the first / (all wall time - the time of the same calls for one new token: the prefills).
+= the new tokens after the first / the time from the first to the last (prefill excluded).
 "accepted": the share of those tokens that came from a confirmed draft. Paste the table into
 benchmarks/RESULTS.md with the machine, date and command.
 """
@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from codellama_ext import CodeLlama
+from codellama_ext import CodeLlama, SamplingParams
 from codellama_ext.api import DEFAULT_MODEL_DIR
 from codellama_ext.benchmark import hf_from_meta
 
@@ -37,22 +37,45 @@ def prompts(tokenizer, lines: int) -> list[list[int]]:
     return out
 
 
-def ours(llm: CodeLlama, ids: list[list[int]], n: int, draft: int) -> tuple[float, list[list[int]], int]:
-    """(seconds, tokens per prompt, accepted draft tokens) for greedy completions of n tokens each."""
-    t0 = time.perf_counter()
-    res = [llm.generate([p], stop_ids=[], max_new_tokens=n, prompt_lookup=draft)[0] for p in ids]
-    return time.perf_counter() - t0, [r.tokens for r in res], sum(r.accepted_drafts for r in res)
+def ours(llm: CodeLlama, ids: list[list[int]], n: int, draft: int) -> tuple[float, int, list[list[int]], int]:
+    """(decode seconds, decode tokens, tokens per prompt, accepted draft tokens) of greedy completions of n tokens
+    each: the time from the first new token to the last (the engine yields every token as its own step)."""
+    seconds, results = 0.0, []
+    for p in ids:
+        run = llm.engine.run([p], SamplingParams(max_new_tokens=n, prompt_lookup=draft), stop_ids=[])
+        stamps = [time.perf_counter() for _ in run]
+        seconds += stamps[-1] - stamps[0]
+        results.append(run.results[0])
+    return seconds, len(ids) * (n - 1), [r.tokens for r in results], sum(r.accepted_drafts for r in results)
 
 
-def theirs(model, ids: list[list[int]], n: int, draft: int, device: str, eos: int) -> float:
-    t0 = time.perf_counter()
+class _Stamps:
+    """transformers' streamer protocol: put(prompt ids), then put(new ids) after each forward."""
+
+    def __init__(self):
+        self.times, self.counts = [], []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+        self.counts.append(value.numel())
+
+    def end(self) -> None:
+        pass
+
+
+def theirs(model, ids: list[list[int]], n: int, draft: int, device: str, eos: int) -> tuple[float, int]:
+    """(decode seconds, decode tokens): from the end of the forward that gave the first new token(s) to the last."""
+    seconds, tokens = 0.0, 0
     for p in ids:
         x = torch.tensor([p], device=device)
+        clock = _Stamps()
         with torch.inference_mode():
             model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=n,
                            min_new_tokens=n, pad_token_id=0, eos_token_id=eos, temperature=None, top_p=None,
-                           top_k=None, prompt_lookup_num_tokens=draft or None)
-    return time.perf_counter() - t0
+                           top_k=None, prompt_lookup_num_tokens=draft or None, streamer=clock)
+        seconds += clock.times[-1] - clock.times[1]
+        tokens += sum(clock.counts[2:])
+    return seconds, tokens
 
 
 def main() -> None:
@@ -70,7 +93,6 @@ def main() -> None:
     llm = CodeLlama.from_pretrained(a.model, device=a.device, dtype=dtype, max_seq_len=2048, max_batch_size=1,
                                     prefix_cache=False)  # each completion prefills its whole prompt
     ids = prompts(llm.tokenizer, a.lines)[:a.prompts]
-    n_tok = len(ids) * (a.new_tokens - 1)
     hf = None if a.no_hf else hf_from_meta(a.model, dtype, a.device)
     ours(llm, ids[:1], 4, 0)  # warm-up
     print(f"# bench_prompt_lookup: {os.path.basename(os.path.abspath(a.model))}, {a.device} {a.dtype}, "
@@ -79,19 +101,19 @@ def main() -> None:
     print("| draft | ours (decode tok/s) | accepted | same | ours vs no draft | transformers (decode tok/s) "
           "| ours / transformers |")
     print("|---|---|---|---|---|---|---|")
-    prefill = ours(llm, ids, 1, 0)[0]
-    peer_prefill = None if hf is None else theirs(hf, ids, 1, 0, a.device, llm.tokenizer.eos_id)
-    base_s, base_tokens, _ = ours(llm, ids, a.new_tokens, 0)
-    base_s -= prefill
+    base_rate = None
     for draft in [0, *a.draft]:
-        s, tokens, accepted = (base_s, base_tokens, 0) if draft == 0 else ours(llm, ids, a.new_tokens, draft)
-        s -= 0 if draft == 0 else prefill
+        s, n_tok, tokens, accepted = ours(llm, ids, a.new_tokens, draft)
+        base_tokens = tokens if draft == 0 else base_tokens
+        base_rate = n_tok / s if draft == 0 else base_rate
         same = sum(t == b for t, b in zip(tokens, base_tokens))
-        peer = "" if hf is None else \
-            n_tok / (theirs(hf, ids, a.new_tokens, draft, a.device, llm.tokenizer.eos_id) - peer_prefill)
-        ratio = "" if hf is None else f"{n_tok / s / peer:.2f}x"
-        print(f"| {draft} | {n_tok / s:.1f} | {100 * accepted / n_tok:.0f}% | {same}/{len(ids)} | {base_s / s:.2f}x | "
-              f"{'' if hf is None else f'{peer:.1f}'} | {ratio} |", flush=True)
+        peer = None
+        if hf is not None:
+            peer_s, peer_tok = theirs(hf, ids, a.new_tokens, draft, a.device, llm.tokenizer.eos_id)
+            peer = peer_tok / peer_s
+        print(f"| {draft} | {n_tok / s:.1f} | {100 * accepted / n_tok:.0f}% | {same}/{len(ids)} | "
+              f"{n_tok / s / base_rate:.2f}x | {'' if peer is None else f'{peer:.1f}'} | "
+              f"{'' if peer is None else f'{n_tok / s / peer:.2f}x'} |", flush=True)
 
 
 if __name__ == "__main__":
