@@ -5,9 +5,10 @@
 # run. Logs land in $OUT (the device tool's folder) or build/gpu-check.
 #   bash tools/gpu_check.sh                    # all stages: build, tests, bench, gen (the env is always printed)
 #   STAGES="build tests bench" bash tools/gpu_check.sh; STAGES=gen bash tools/gpu_check.sh   # in two calls
-# A device call may run 600 s: with the default stage limits (240 + 150 + 120 + 240 s) all four stages can
+# A device call may run 600 s: with the default stage limits (240 + 150 + 120 + 240 + 90 s) all four stages can
 # overrun it, so use two calls on the same warm machine (the in-place build stays between calls).
-# The generation bench (gen) writes a random 7B-shaped checkpoint (13.5 GB fp16) into $GEN_WORKDIR (/tmp/bg).
+# The generation bench (gen) writes a random 7B-shaped checkpoint (13.5 GB fp16) into $GEN_WORKDIR (/tmp/bg),
+# then times prompt lookup on the embedded default model.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/build/gpu-check}"
@@ -58,4 +59,7 @@ if stage gen; then
   timeout "${GEN_S:-240}" "$PY" tools/bench_generate.py --device cuda --shape ${GEN_SHAPES:-7b} --batch 1 8 \
     --new-tokens 64 --prefill 128 2048 --workdir "${GEN_WORKDIR:-/tmp/bg}" 2>&1 | tee "$OUT/bench_generate.log"
   echo "generation bench took $(( $(date +%s) - start )) s"
+  start=$(date +%s)
+  timeout "${LOOKUP_S:-90}" "$PY" tools/bench_prompt_lookup.py --device cuda 2>&1 | tee "$OUT/bench_prompt_lookup.log"
+  echo "prompt-lookup bench took $(( $(date +%s) - start )) s"
 fi
