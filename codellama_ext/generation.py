@@ -442,6 +442,7 @@ class Run:
         budget = self._budget = [min(p.max_new_tokens, window - len(ids)) for ids in self.prompts]
         self._lookup_misses = self._lookup_wait = 0
         pending: list[tuple[int, float | None]] = []  # tokens a verified draft chose for the next steps (one row)
+        stale = False  # the device tok / pos lag behind the host after a verified draft
         queue = list(range(len(self.prompts)))[::-1]  # popped from the end
         free = list(range(model.max_batch_size))[::-1]
         live: list[int] = []  # rows, in the order of the rows of logits / tok / pos / slot / seen
@@ -504,10 +505,12 @@ class Run:
                     draft = [] if self._lookup_wait else self._draft(r, at)
                     self._lookup_wait = max(self._lookup_wait - 1, 0)
                     if draft:
-                        pending = self._verify(r, slot_of[r], at, draft)
+                        pending, stale = self._verify(r, slot_of[r], at, draft), True
                         continue
-                    tok = torch.tensor(self.results[r].tokens[-1:], dtype=torch.int64, device=dev)
-                    pos = torch.tensor([at], dtype=torch.int32, device=dev)
+                    if stale:
+                        tok = torch.tensor(self.results[r].tokens[-1:], dtype=torch.int64, device=dev)
+                        pos = torch.tensor([at], dtype=torch.int32, device=dev)
+                        stale = False
                 if live:
                     if pad_slots is None:  # padding rows of a CUDA graph bucket write position 0 of these
                         pads = self.engine.padding_slots(free)

@@ -105,14 +105,6 @@ def _check_text(text, what: str) -> str:
     return text
 
 
-def _is_index(i) -> bool:
-    try:
-        operator.index(i)
-        return True
-    except TypeError:
-        return False
-
-
 def _as_ids(ids, what: str) -> list[int]:
     """A flat list of Python ints from an int, a sequence of ints or an integer tensor/array. Floats and strings
     are refused: int() would silently truncate 1.7 to 1 or read "123" as [1, 2, 3] (Meta's decode, i.e.
@@ -123,13 +115,14 @@ def _as_ids(ids, what: str) -> list[int]:
         return [ids]
     if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
         raise TypeError(f"{what} must be an int or a sequence of ints, got {type(ids).__name__}")
-    ids = list(ids)
-    try:
-        return [operator.index(i) for i in ids]
-    except TypeError:
-        bad = next(i for i in ids if not _is_index(i))
-        raise TypeError(f"{what} must be a flat sequence of ints, got an element {bad!r} of type "
-                        f"{type(bad).__name__}") from None
+    out = []
+    for i in ids:
+        try:
+            out.append(operator.index(i))
+        except TypeError:
+            raise TypeError(f"{what} must be a flat sequence of ints, got an element {i!r} of type "
+                            f"{type(i).__name__}") from None
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
