@@ -313,8 +313,9 @@ def test_prefix_records_not_rebuilt_after_a_write_during_a_run(folder, hf):
 def test_prefix_reuse_equals_no_reuse_over_random_calls(folder):
     """Seeded random call sequences (resent prompts, prompts extended by their outputs, cut, edited or grown to
     the window end, repeated within a batch, batches larger than the cache), with stop ids and budgets that end
-    rows at different steps, rows finished by the consumer, abandoned runs, a repetition penalty, logprobs and
-    the padded CUDA-graph step (emulated on the CPU): the same ids as an engine that prefills every prompt whole."""
+    rows at different steps, rows finished by the consumer, abandoned runs, a repetition penalty, prompt lookup,
+    logprobs and the padded CUDA-graph step (emulated on the CPU): the same ids as an engine that prefills every
+    prompt whole."""
     from codellama_ext.generation import _DecodeGraph
     reused = 0
     for seed, slots, padded in ((1, 3, False), (4, 4, True)):
@@ -332,7 +333,9 @@ def test_prefix_reuse_equals_no_reuse_over_random_calls(folder):
                      else h[:rng.randrange(1, len(h) + 1)] + extra[:rng.randrange(0, 3)] if kind < 0.8  # cut, edit
                      else h + extra * 13 if kind < 0.9 else prompts[-1] if prompts else h)  # window end; repeat
                 prompts.append(p[:rng.choice([63, 62, 60, 40])] or [1])
-            sp = SamplingParams(max_new_tokens=rng.randrange(1, 16), repetition_penalty=rng.choice([1.0, 1.0, 1.3]))
+            penalty = rng.choice([1.0, 1.0, 1.3])
+            sp = SamplingParams(max_new_tokens=rng.randrange(1, 16), repetition_penalty=penalty,
+                                prompt_lookup=rng.choice([0, 3]) if penalty == 1 else 0)
             stops, logprobs = rng.choice([[], [EOS], [EOS, 110, 893]]), rng.random() < 0.3
             abandon, finish = rng.choice([None, None, 1, 4]), (rng.randrange(4), rng.randrange(len(prompts)))
             results = []
@@ -355,10 +358,11 @@ def test_prefix_reuse_equals_no_reuse_over_random_calls(folder):
 
 def test_prompt_lookup_equals_greedy(folder, hf):
     """Drafts checked in one forward give plain greedy's tokens, logprobs and finish reasons (and transformers'),
-    with budgets and the window end cutting a draft, alone and when a batch is down to one row."""
+    with budgets and the window end cutting a draft, alone and in batches (rows drafting at different steps,
+    the queue refilling slots)."""
     engine = Engine(load_model(folder, dtype=torch.float32, max_seq_len=40, max_batch_size=2), prefix_cache=False)
     prompts = random_prompts(N_PROMPTS)
-    accepted = 0
+    accepted = accepted_in_batch = 0
     for n_new in (N_NEW, 3, 40):  # 40: every prompt runs into the window (max_seq_len 40)
         plain = engine.generate(prompts, SamplingParams(max_new_tokens=n_new), [EOS], logprobs=True)
         for p, ref in zip(prompts, plain):
@@ -366,9 +370,12 @@ def test_prompt_lookup_equals_greedy(folder, hf):
             assert (res.tokens, res.finish_reason) == (ref.tokens, ref.finish_reason)
             assert res.logprobs == pytest.approx(ref.logprobs, abs=1e-5)
             accepted += res.accepted_drafts
-        batch = engine.generate(prompts, SamplingParams(max_new_tokens=n_new, prompt_lookup=4), [EOS])
-        assert [(r.tokens, r.finish_reason) for r in batch] == [(r.tokens, r.finish_reason) for r in plain]
-    assert accepted > 0  # drafts were right, or this test would prove nothing
+        batch = engine.generate(prompts, SamplingParams(max_new_tokens=n_new, prompt_lookup=4), [EOS], logprobs=True)
+        for res, ref in zip(batch, plain):
+            assert (res.tokens, res.finish_reason) == (ref.tokens, ref.finish_reason)
+            assert res.logprobs == pytest.approx(ref.logprobs, abs=1e-5)
+            accepted_in_batch += res.accepted_drafts
+    assert accepted > 0 and accepted_in_batch > 0  # drafts were right, or this test would prove nothing
     for p in prompts:
         assert engine.generate([p], SamplingParams(max_new_tokens=N_NEW, prompt_lookup=4), [EOS])[0].tokens == \
             hf_greedy(hf, p, N_NEW)[0]
@@ -385,6 +392,26 @@ def test_prompt_lookup_keeps_prefix_records_exact(folder, hf):
     for q, held in ((resent, len(resent) - 1), (p + first.tokens[:7] + [5, 6], len(p) + 7)):
         res = engine.generate([q], sp, [])[0]
         assert (res.cached_tokens, res.tokens) == (held, hf_greedy(hf, q, N_NEW, stop_id=None)[0])
+
+
+def test_prompt_lookup_drafts_for_several_rows_at_once(folder):
+    """Rows whose drafts are right at the same steps verify them in one packed forward: a batch takes as few
+    forwards as one of its rows alone, and fewer than plain decoding."""
+    engine = Engine(load_model(folder, dtype=torch.float32, max_seq_len=96, max_batch_size=3), prefix_cache=False)
+    p = random_prompts(3)[2]  # its greedy output repeats itself: drafts are accepted
+    sp = SamplingParams(max_new_tokens=N_NEW, prompt_lookup=6)
+
+    def forwards(prompts, params):
+        writes = engine.model.cache_writes
+        results = engine.generate(prompts, params, [])
+        return results, engine.model.cache_writes - writes - 1  # less the prefill
+
+    plain, n_plain = forwards([p, p, p], SamplingParams(max_new_tokens=N_NEW))
+    alone, n_alone = forwards([p], sp)
+    batch, n_batch = forwards([p, p, p], sp)
+    assert [r.tokens for r in batch] == [r.tokens for r in plain] == [alone[0].tokens] * 3
+    assert all(r.accepted_drafts == alone[0].accepted_drafts > 0 for r in batch)
+    assert n_batch == n_alone < n_plain == N_NEW - 1
 
 
 def test_prompt_lookup_refused_with_sampling():
