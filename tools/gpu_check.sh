@@ -8,7 +8,7 @@
 # A device call may run 600 s: with the default stage limits (240 + 150 + 120 + 240 + 90 s) all four stages can
 # overrun it, so use two calls on the same warm machine (the in-place build stays between calls).
 # The generation bench (gen) writes a random 7B-shaped checkpoint (13.5 GB fp16) into $GEN_WORKDIR (/tmp/bg),
-# then times prompt lookup on the embedded default model.
+# then times prompt lookup on the embedded default model (one row, then batches of 4).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/build/gpu-check}"
@@ -61,5 +61,7 @@ if stage gen; then
   echo "generation bench took $(( $(date +%s) - start )) s"
   start=$(date +%s)
   timeout "${LOOKUP_S:-90}" "$PY" tools/bench_prompt_lookup.py --device cuda 2>&1 | tee "$OUT/bench_prompt_lookup.log"
+  timeout "${LOOKUP_S:-90}" "$PY" tools/bench_prompt_lookup.py --device cuda --batch 4 --draft 4 --no-hf 2>&1 \
+    | tee -a "$OUT/bench_prompt_lookup.log"
   echo "prompt-lookup bench took $(( $(date +%s) - start )) s"
 fi
