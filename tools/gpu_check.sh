@@ -5,7 +5,7 @@
 # run. Logs land in $OUT (the device tool's folder) or build/gpu-check.
 #   bash tools/gpu_check.sh                    # all stages: build, tests, bench, gen (the env is always printed)
 #   STAGES="build tests bench" bash tools/gpu_check.sh; STAGES=gen bash tools/gpu_check.sh   # in two calls
-# A device call may run 600 s: with the default stage limits (240 + 150 + 120 + 240 + 90 s) all four stages can
+# A device call may run 600 s: with the default stage limits (240 + 150 + 120 + 240 + 2 x 90 s) all four stages can
 # overrun it, so use two calls on the same warm machine (the in-place build stays between calls).
 # The generation bench (gen) writes a random 7B-shaped checkpoint (13.5 GB fp16) into $GEN_WORKDIR (/tmp/bg),
 # then times prompt lookup on the embedded default model (one row, then batches of 4).
