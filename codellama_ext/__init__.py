@@ -13,7 +13,7 @@ _EXPORTS = {
     "CodeLlamaTokenizer": "tokenizer", "IncrementalDetokenizer": "tokenizer", "InfillingNotSupported": "tokenizer",
     "ModelArgs": "config", "ConfigError": "config", "PRESETS": "config", "preset": "config",
     "CheckpointError": "checkpoint", "open_checkpoint": "checkpoint", "convert_to_hf": "checkpoint",
-    "convert_to_meta": "checkpoint",
+    "convert_to_meta": "checkpoint", "verify_checklist": "checkpoint",
     "Transformer": "model", "load_model": "model", "estimate_memory": "model",
     "CodeLlama": "api", "SamplingParams": "generation", "GenerationResult": "generation",
 }
@@ -39,7 +39,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from . import ops, reference
     from .api import CodeLlama
-    from .checkpoint import CheckpointError, convert_to_hf, convert_to_meta, open_checkpoint
+    from .checkpoint import CheckpointError, convert_to_hf, convert_to_meta, open_checkpoint, verify_checklist
     from .config import PRESETS, ConfigError, ModelArgs, preset
     from .generation import GenerationResult, SamplingParams
     from .model import Transformer, estimate_memory, load_model

@@ -29,6 +29,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from .checkpoint import verify_checklist
 from .generation import Engine, GenerationResult, SamplingParams
 from .model import Transformer, load_model
 from .tokenizer import CodeLlamaTokenizer, InfillingNotSupported
@@ -126,11 +127,15 @@ class CodeLlama:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None, *, device="cpu", dtype=None,
                         quantize: str | None = None, max_seq_len: int | None = None, max_batch_size: int = 8,
-                        progress: bool | None = None, prefix_cache: bool = True) -> "CodeLlama":
+                        progress: bool | None = None, prefix_cache: bool = True,
+                        verify_checksums: bool = False) -> "CodeLlama":
         """Loads a Meta or HF model folder (with its tokenizer.model). path None: the default model shipped in
         codellama_ext/default_model. max_seq_len None: min(the model's context, 4096). prefix_cache: a prompt
         starting with ids a cache slot still holds (a resent prompt, a chat's earlier turns) is prefilled from
-        there (generation.Engine); False: every prompt is prefilled whole."""
+        there (generation.Engine); False: every prompt is prefilled whole. verify_checksums: before anything is
+        loaded, check the folder's files against its checklist.chk (the md5 list in Meta's downloads; the default
+        model ships one) and raise CheckpointError on a corrupt or truncated file, a shard of another checkpoint,
+        a file the loader reads that is not listed, or a folder without checklist.chk (HF folders have none)."""
         if path is None:
             path = DEFAULT_MODEL_DIR
             if not (path / "params.json").is_file():
@@ -144,6 +149,8 @@ class CodeLlama:
             raise ValueError(f"max_seq_len must be an integer >= 2, got {max_seq_len!r}")
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
+        if verify_checksums:  # here, not in load_model: tokenizer.model is verified before it is read too
+            verify_checklist(path, progress=progress)
         tokenizer = CodeLlamaTokenizer.from_pretrained(path)
         model = load_model(path, device=device, dtype=dtype, quantize=quantize, max_seq_len=max_seq_len,
                            max_batch_size=max_batch_size, progress=progress)

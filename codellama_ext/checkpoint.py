@@ -9,14 +9,19 @@ both layouts give the same attention scores, SPEC §2). Pickles are only ever re
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import fnmatch
 import glob
+import hashlib
 import json
 import os
 import pickle
 import re
 import shutil
+import sys
 import tempfile
+import time
 import zipfile
 from typing import Iterator
 
@@ -26,7 +31,7 @@ from .config import ConfigError, ModelArgs
 
 __all__ = ["CheckpointError", "Checkpoint", "open_checkpoint", "detect_format", "expected_shapes",
            "HF_NAMES", "meta_to_hf_name", "hf_to_meta_name", "permute_for_hf", "permute_for_meta",
-           "META_SPLIT_DIM", "convert_to_hf", "convert_to_meta"]
+           "META_SPLIT_DIM", "convert_to_hf", "convert_to_meta", "CHECKLIST", "read_checklist", "verify_checklist"]
 
 
 class CheckpointError(ValueError):
@@ -427,6 +432,105 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Detects the format, reads the config, memory-maps the weight files and validates every name, shape and
     dtype before any weight is read."""
     return Checkpoint(path)
+
+
+# ---- checksums (Meta's checklist.chk) ----
+CHECKLIST = "checklist.chk"
+_MD5_LINE = re.compile(r"([0-9a-fA-F]{32}) [ *](.+)")  # md5sum output: text mode "  name", binary mode " *name"
+_HASH_CHUNK = 8 << 20
+
+
+def read_checklist(file: str | os.PathLike) -> dict[str, str]:
+    """File name -> lower-case md5 of an md5sum list (`<md5>  <name>` per line; blank lines and trailing
+    whitespace ignored). A line in any other form is a CheckpointError naming its number."""
+    file = os.fspath(file)
+    try:
+        with open(file, encoding="utf-8") as fh:
+            lines = fh.read().splitlines()
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{file}: not a text file (expected md5sum output)") from None
+    out: dict[str, str] = {}
+    for i, line in enumerate(lines, 1):
+        line = line.rstrip()
+        if not line:
+            continue
+        m = _MD5_LINE.fullmatch(line)
+        if not m:
+            raise CheckpointError(f"{file}: line {i} is not '<32 hex digits>  <file name>' (md5sum output): "
+                                  f"{line[:80]!r}")
+        name, md5 = os.path.normpath(m.group(2)), m.group(1).lower()  # normpath: `md5sum ./*` writes ./name
+        if out.get(name, md5) != md5:
+            raise CheckpointError(f"{file}: line {i} lists {name} again with another md5")
+        out[name] = md5
+    return out
+
+
+def _meta_model_file(name: str) -> bool:
+    """params.json or a shard, as _open_meta globs them: the files that decide what load_model loads."""
+    return name == "params.json" or fnmatch.fnmatchcase(name, "consolidated.*.pth")
+
+
+def _md5(file: str, done: list[int], i: int) -> str:
+    h = hashlib.md5(usedforsecurity=False)  # an integrity check, not security: allowed on FIPS systems too
+    buf = bytearray(_HASH_CHUNK)  # one reused buffer: memory stays flat on a 13 GB shard
+    view = memoryview(buf)
+    with open(file, "rb") as fh:
+        while n := fh.readinto(buf):
+            h.update(view[:n])
+            done[i] += n
+    return h.hexdigest()
+
+
+def verify_checklist(path: str | os.PathLike, progress: bool | None = None) -> list[str]:
+    """Checks a Meta folder against its checklist.chk (md5sum output, as Meta's download ships it) before any
+    weight is read; returns the verified file names. CheckpointError when a listed file's md5 differs (a corrupt
+    or truncated download, or a shard of another checkpoint: equal shapes would load silently), when a file the
+    loader reads (params.json, consolidated.*.pth, tokenizer.model) is present but not listed, when a listed
+    params.json or shard is missing, and when there is no checklist.chk (HF folders carry none). Files are
+    hashed in parallel threads (hashlib and file reads release the GIL). progress: a line on stderr; None = only
+    when stderr is a terminal and the files total over 1 GB."""
+    path = os.fspath(path)
+    if detect_format(path) == "hf":
+        raise CheckpointError(f"{path}: an HF folder; checksum verification needs Meta's {CHECKLIST} (md5 list), "
+                              f"and HF folders carry none, so there is nothing to verify against")
+    chk = os.path.join(path, CHECKLIST)
+    if not os.path.isfile(chk):
+        raise CheckpointError(f"{path}: no {CHECKLIST} (Meta's md5 list of the folder), so there is nothing to "
+                              f"verify against")
+    listed = read_checklist(chk)
+    unlisted = sorted(n for n in os.listdir(path)
+                      if (_meta_model_file(n) or n == "tokenizer.model") and n not in listed)
+    if unlisted:
+        raise CheckpointError(f"{chk}: does not list {_short(unlisted)}, so the loader would read unverified "
+                              f"file(s)")
+    present = sorted(n for n in listed if os.path.isfile(os.path.join(path, n)))
+    # a listed shard that is gone changes what loads (fewer shards); other absent files are not read
+    # (from_pretrained reports a missing tokenizer.model itself)
+    missing = sorted(n for n in listed if n not in present and _meta_model_file(n))
+    if missing:
+        raise CheckpointError(f"{path}: {_short(missing)} listed in {CHECKLIST} but missing")
+    files = [os.path.join(path, n) for n in present]
+    total = sum(os.path.getsize(f) for f in files)
+    if progress is None:
+        progress = sys.stderr.isatty() and total > (1 << 30)
+    done, t0, name = [0] * len(files), time.monotonic(), os.path.basename(os.path.normpath(path))
+
+    def report(end: str = "") -> None:
+        if progress:
+            print(f"\rverifying {name}: {sum(done) / 1e9:.2f}/{total / 1e9:.2f} GB md5, "
+                  f"{time.monotonic() - t0:.0f} s", end=end, file=sys.stderr, flush=True)
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(len(files), os.cpu_count() or 1))) as pool:
+        futures = [pool.submit(_md5, f, done, i) for i, f in enumerate(files)]
+        while concurrent.futures.wait(futures, timeout=0.5).not_done:
+            report()
+        actual = [f.result() for f in futures]
+    report("\n")
+    bad = [f"{n}: md5 {got}, expected {listed[n]}" for n, got in zip(present, actual) if got != listed[n]]
+    if bad:
+        raise CheckpointError(f"{path}: checksum mismatch (corrupt or truncated download, or a file of another "
+                              f"checkpoint): {'; '.join(bad)}")
+    return present
 
 
 # ---- conversion (streaming) ----

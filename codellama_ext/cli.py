@@ -111,6 +111,7 @@ def _add_convert(sub) -> None:
                    help="dtype of the written weights (default auto: as stored)")
     p.add_argument("--max_shard_size", "--max-shard-size", dest="max_shard_size", type=_byte_size,
                    default=2 << 30, help="largest HF safetensors file, e.g. 2GB, 500MB (default 2GiB)")
+    _verify_argument(p)
     p.set_defaults(func=_run_convert)
 
 
@@ -168,7 +169,7 @@ def _write_hf_tokenizer_files(src: str, out: str) -> list[str]:
 
 
 def _run_convert(ns) -> int:
-    from .checkpoint import convert_to_hf, convert_to_meta, open_checkpoint
+    from .checkpoint import convert_to_hf, convert_to_meta, open_checkpoint, verify_checklist
     src = ns.input_dir
     if not os.path.exists(src):
         raise CLIError(f"--input_dir {src}: no such folder")
@@ -176,6 +177,8 @@ def _run_convert(ns) -> int:
         raise CLIError(f"--input_dir {src}: not a folder")
     if os.path.exists(ns.output_dir):
         raise CLIError(f"--output_dir {ns.output_dir}: already exists; choose a new output folder")
+    if ns.verify_checksums:
+        verify_checklist(src)
     ck = open_checkpoint(src)  # validates names, shapes and dtypes; reads no weight
     _check_model_size(ns.model_size, ck.args, src)
     dtype = _torch_dtype(ns.dtype)
@@ -279,6 +282,12 @@ def _text(s: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _verify_argument(p) -> None:
+    p.add_argument("--verify-checksums", "--verify_checksums", dest="verify_checksums", action="store_true",
+                   help="before loading, check the folder's files against its checklist.chk (the md5 list of "
+                        "Meta's downloads; an error if a file differs, is not listed, or there is no list)")
+
+
 def _model_arguments(p) -> None:
     p.add_argument("--model", default=None,
                    help="model folder, Meta or HF format, with tokenizer.model (default: the embedded model)")
@@ -287,6 +296,7 @@ def _model_arguments(p) -> None:
                    help="activation/weight dtype (default: float16 on CUDA, bfloat16 or float32 on CPU; "
                         "auto: as stored)")
     p.add_argument("--quantize", choices=("int8",), default=None, help="int8 linear weights")
+    _verify_argument(p)
     p.add_argument("--max-seq-len", "--max_seq_len", dest="max_seq_len", type=_positive_int, default=None,
                    help="context window in tokens, prompt included (default: the model's, at most 4096)")
 
@@ -383,7 +393,8 @@ def _load(ns):
         raise CLIError(f"--model {ns.model}: no such folder")
     device = _resolve_device(ns)
     return CodeLlama.from_pretrained(ns.model, device=device, dtype=ns.dtype, quantize=ns.quantize,
-                                     max_seq_len=ns.max_seq_len, max_batch_size=1, progress=sys.stderr.isatty())
+                                     max_seq_len=ns.max_seq_len, max_batch_size=1, progress=sys.stderr.isatty(),
+                                     verify_checksums=ns.verify_checksums)
 
 
 def _sampling(ns) -> dict:

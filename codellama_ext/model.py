@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
+from .checkpoint import Checkpoint, CheckpointError, open_checkpoint, verify_checklist
 from .config import ModelArgs
 
 __all__ = ["Linear", "Transformer", "load_model", "default_dtype", "resolve_dtype", "estimate_memory"]
@@ -323,14 +323,19 @@ def resolve_dtype(dtype, device, storage_dtype: torch.dtype) -> torch.dtype:
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtype=None,
                quantize: str | None = None, max_seq_len: int = 2048, max_batch_size: int = 1,
-               progress: bool | None = None) -> Transformer:
+               progress: bool | None = None, verify_checksums: bool = False) -> Transformer:
     """Loads a Meta folder (params.json + consolidated.NN.pth) or an HF folder (config.json + safetensors / .bin).
 
     Files are memory-mapped and streamed one tensor at a time, converted to `dtype` and copied into the model's
     preallocated (fused) weights on `device`, so host memory grows by about one tensor, not the model.
     dtype: None = float16 on CUDA, bfloat16/float32 on CPU (see default_dtype); "auto" = as stored; or explicit.
     quantize="int8": per-row int8 linear weights (embedding and norms stay in `dtype`).
-    progress: a progress line on stderr; None = only when stderr is a terminal and the checkpoint is over 1 GB."""
+    progress: a progress line on stderr; None = only when stderr is a terminal and the checkpoint is over 1 GB.
+    verify_checksums: first check the files against the folder's checklist.chk (Meta's md5 list; see
+    checkpoint.verify_checklist), so a corrupt download or a shard of another checkpoint is an error; a folder
+    without one (any HF folder) is an error too."""
+    if verify_checksums:
+        verify_checklist(path, progress=progress)  # before open_checkpoint reads any pickle
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())

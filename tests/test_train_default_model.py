@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import codellama_ext
-from codellama_ext.checkpoint import expected_shapes
+from codellama_ext.checkpoint import expected_shapes, verify_checklist
 from codellama_ext.config import ModelArgs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,6 +98,8 @@ def test_export_is_a_meta_folder(run):
     assert type(sd) is dict and all(t.dtype == torch.bfloat16 for t in sd.values())
     assert {k: tuple(v.shape) for k, v in sd.items()} == expected_shapes(args)
     assert (out / "tokenizer.model").read_bytes() == (out.parent / "work" / "tokenizer.model").read_bytes()
+    # checklist.chk covers every file, MODEL_CARD.md (written by evaluate, after export) included
+    assert verify_checklist(out) == sorted(p.name for p in out.iterdir() if p.name != "checklist.chk")
 
 
 def test_training_model_matches_the_engine(script, run):

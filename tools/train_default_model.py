@@ -11,8 +11,9 @@ Stages (default: all four, in order), each reading what the previous ones wrote 
   train     causal LM + fill-in-the-middle in exactly the token format of CodeLlamaTokenizer.infill_ids (PSM and
             SPM, half each) followed by the middle and <EOT>; AdamW, warmup + cosine schedule, bf16 autocast on
             CUDA; a --minutes time budget or a --steps count.
-  export    a Meta folder: params.json, consolidated.00.pth (bf16, a plain tensor dict), tokenizer.model and
-            training.json (the training budget), into codellama_ext/default_model/ or --out.
+  export    a Meta folder: params.json, consolidated.00.pth (bf16, a plain tensor dict), tokenizer.model,
+            training.json (the training budget) and checklist.chk (md5s, as in Meta's downloads), into
+            codellama_ext/default_model/ or --out.
   evaluate  loads the exported folder through the engine (codellama_ext.load_model, the code path of every
             CodeLlama checkpoint) and measures, on the held-out files, the per-token perplexity and the exact-match
             rate of greedy single-line infilling, against unigram baselines; writes MODEL_CARD.md.
@@ -513,7 +514,16 @@ def export(args) -> None:
     info = ck["info"] | {"data": {k: meta[k] for k in ("python", "train_files", "heldout_files", "train_bytes",
                                                       "train_tokens", "spm_vocab_size", "prepare_seconds")}}
     (out / "training.json").write_text(json.dumps(info, indent=1) + "\n")
+    write_checklist(out)
     log(f"export: {out} ({(out / 'consolidated.00.pth').stat().st_size / 1e6:.1f} MB weights)")
+
+
+def write_checklist(out: Path) -> None:
+    """checklist.chk: md5sum output for every file of the folder, as in Meta's downloads, so that
+    --verify-checksums works on the default model too. Export and evaluate (MODEL_CARD.md) both rewrite it."""
+    names = sorted(p.name for p in out.iterdir() if p.is_file() and p.name != "checklist.chk")
+    (out / "checklist.chk").write_text("".join(
+        f"{hashlib.md5((out / n).read_bytes(), usedforsecurity=False).hexdigest()}  {n}\n" for n in names))
 
 
 # ============================================================================================= evaluate
@@ -692,6 +702,7 @@ training line (`{meta['most_frequent_line']}`).
   often wrong code; never a substitute for a real CodeLlama checkpoint.
 """
     (out / "MODEL_CARD.md").write_text(card)
+    write_checklist(out)
     log(f"evaluate: wrote {out / 'MODEL_CARD.md'}")
 
 
