@@ -313,7 +313,7 @@ class Engine:
             logprobs: bool = False, vocab: int | None = None) -> "Run":
         """vocab: pick only ids below it (a tokenizer with fewer pieces than the model has embedding rows, as
         fine-tunes with a resized embedding have, cannot decode the rest); None: every id."""
-        return Run(self, self.check_prompts(prompts), params, frozenset(stop_ids), logprobs, vocab)
+        return Run(self, prompts, params, stop_ids, logprobs, vocab)
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, stop_ids: Sequence[int],
                  logprobs: bool = False) -> list[GenerationResult]:
@@ -324,30 +324,60 @@ class Engine:
 
 
 class Run:
-    """One generation over a list of prompts. Iterating yields, after each step, the (row, token id) pairs that
-    step appended; `finish(row)` (between steps) ends a row early. `results` holds the outcome per row. Closing
-    the iterator early (or dropping it) leaves the engine usable: the slots' records cover only completed writes."""
+    """One generation over a list of prompts, to which `add` can queue more (between steps, each with its own
+    sampling parameters, stop ids and logprobs wish: the text API batches concurrent calls this way). Iterating
+    yields, after each step, the (row, token id) pairs that step appended; `finish(row)` (between steps) ends a
+    row early. `results` holds the outcome per row. Closing the iterator early (or dropping it) leaves the engine
+    usable: the slots' records cover only completed writes. A run either drafts (every row has prompt_lookup,
+    greedy) or not: its first prompts decide."""
 
     def __init__(self, engine: Engine, prompts: list[list[int]], params: SamplingParams, stop_ids: frozenset,
                  logprobs: bool, vocab: int | None = None):
-        self.engine, self.prompts, self.params, self.stop_ids = engine, prompts, params, stop_ids
-        self.logprobs = logprobs
+        self.engine = engine
+        self.lookup = params.prompt_lookup > 0
         model_vocab = engine.model.args.vocab_size
         self._vocab = None if vocab is None or vocab >= model_vocab else vocab
-        self.results = [GenerationResult(logprobs=[] if logprobs else None) for _ in prompts]
-        self._done = [False] * len(prompts)
-        self._generator = None  # seeded: one per run, drawn from at every step
-        if not params.greedy and params.seed is not None:
-            self._generator = torch.Generator(device=engine.model.device)
-            self._generator.manual_seed(params.seed)
-        self._sample_args = None  # per-row temperature / top-k / top-p, built once, sliced to the live rows
-        if not params.greedy:
-            rows, dev = engine.model.max_batch_size, engine.model.device
-            self._sample_args = (torch.full((rows,), params.temperature, dtype=torch.float32, device=dev),
-                                 torch.full((rows,), min(params.top_k, model_vocab), dtype=torch.int32,
-                                            device=dev),
-                                 torch.full((rows,), params.top_p, dtype=torch.float32, device=dev))
+        self.prompts: list[list[int]] = []
+        self.results: list[GenerationResult] = []
+        self._done: list[bool] = []
+        self._params: list[SamplingParams] = []
+        self._stop_ids: list[frozenset] = []
+        self._budget: list[int] = []
+        self._generator: list[torch.Generator | None] = []  # seeded rows: one per add, drawn from at every step
+        self._lookup_misses: list[int] = []
+        self._lookup_wait: list[int] = []
+        self._ngrams: dict[int, tuple[dict, int]] = {}  # row -> (n-gram -> latest start, positions indexed)
+        self._queue: list[int] = []  # rows waiting for a cache slot, first first
+        self.finished = False  # the generator has returned: add() would queue rows nothing runs
+        self.add(prompts, params, stop_ids, logprobs)
         self._steps = self._generate()
+
+    def add(self, prompts: Sequence[Sequence[int]], params: SamplingParams, stop_ids: Sequence[int],
+            logprobs: bool = False) -> list[int]:
+        """Queues prompts (checked as Engine.check_prompts does) -> their row numbers. Between steps only."""
+        if self.finished:
+            raise RuntimeError("this run has finished: start a new one")
+        if (params.prompt_lookup > 0) != self.lookup:
+            raise ValueError("rows with and without prompt_lookup cannot share a run")
+        prompts = self.engine.check_prompts(prompts)
+        generator = None
+        if not params.greedy and params.seed is not None:
+            generator = torch.Generator(device=self.engine.model.device)
+            generator.manual_seed(params.seed)
+        rows = list(range(len(self.prompts), len(self.prompts) + len(prompts)))
+        window = self.engine.model.max_seq_len
+        for ids in prompts:
+            self.prompts.append(ids)
+            self.results.append(GenerationResult(logprobs=[] if logprobs else None))
+            self._done.append(False)
+            self._params.append(params)
+            self._stop_ids.append(frozenset(stop_ids))
+            self._budget.append(min(params.max_new_tokens, window - len(ids)))
+            self._generator.append(generator)
+            self._lookup_misses.append(0)
+            self._lookup_wait.append(0)
+        self._queue += rows
+        return rows
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         return self._steps
@@ -364,7 +394,8 @@ class Run:
     @torch.inference_mode()
     def _admit(self, rows: list[int], free: list[int]) -> tuple[list[int], tuple[torch.Tensor, ...]]:
         """Prefills the prompts of `rows` into slots taken from `free` (Engine.admit). Returns the slots and their
-        last-token logits [k, V], next positions [k], slots [k], (with a repetition penalty) seen masks [k, V]."""
+        last-token logits [k, V], next positions [k], slots [k], seen masks [k, V] (prompt tokens count as seen,
+        as in HF's repetition penalty; None in a drafting run, which has no penalty)."""
         model = self.engine.model
         dev = model.device
         logits, slots, starts = self.engine.admit([self.prompts[r] for r in rows], free)
@@ -372,7 +403,7 @@ class Run:
             self.results[r].cached_tokens = st
         lens = [len(self.prompts[r]) for r in rows]
         seen = None
-        if self.params.repetition_penalty != 1:  # prompt tokens count as seen (HF)
+        if not self.lookup:
             seen = torch.zeros(len(rows), model.args.vocab_size, dtype=torch.bool, device=dev)
             flat = torch.tensor([t for r in rows for t in self.prompts[r]], dtype=torch.int64, device=dev)
             seen[torch.repeat_interleave(torch.arange(len(rows), device=dev), torch.tensor(lens, device=dev)),
@@ -380,25 +411,57 @@ class Run:
         return slots, (logits, torch.tensor(lens, dtype=torch.int32, device=dev),
                        torch.tensor(slots, dtype=torch.int32, device=dev), seen)
 
+    def _row_args(self, rows: list[int]) -> tuple[torch.Tensor, ...]:
+        """Per-row repetition penalty [n, 1], greedy mask [n], temperature / top-k / top-p [n] of `rows`, on the
+        device (greedy rows get a valid placeholder: their tokens come from argmax); () when every row is greedy
+        without a penalty (nothing to copy to the device)."""
+        dev, vocab = self.engine.model.device, self.engine.model.args.vocab_size
+        ps = [self._params[r] for r in rows]
+        if all(p.greedy and p.repetition_penalty == 1 for p in ps):
+            return ()
+        return (torch.tensor([[p.repetition_penalty] for p in ps], dtype=torch.float32, device=dev),
+                torch.tensor([p.greedy for p in ps], dtype=torch.bool, device=dev),
+                torch.tensor([1.0 if p.greedy else p.temperature for p in ps], dtype=torch.float32, device=dev),
+                torch.tensor([min(p.top_k, vocab) for p in ps], dtype=torch.int32, device=dev),
+                torch.tensor([p.top_p for p in ps], dtype=torch.float32, device=dev))
+
+    def _uniforms(self, rows: list[int]) -> torch.Tensor:
+        """One uniform number per row, each seeded row's from its own add's generator (so a seeded call draws
+        the same numbers whatever else shares the run), the others' from torch's default generator."""
+        dev = self.engine.model.device
+        groups: dict[int, tuple[torch.Generator | None, list[int]]] = {}
+        for j, r in enumerate(rows):
+            g = self._generator[r]
+            groups.setdefault(id(g), (g, []))[1].append(j)
+        if len(groups) == 1:
+            return torch.rand(len(rows), device=dev, dtype=torch.float32, generator=self._generator[rows[0]])
+        out = torch.empty(len(rows), device=dev, dtype=torch.float32)
+        for g, js in groups.values():
+            out[torch.tensor(js, device=dev)] = torch.rand(len(js), device=dev, dtype=torch.float32, generator=g)
+        return out
+
     @torch.inference_mode()
-    def _choose(self, logits: torch.Tensor, seen: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-        """Next ids [n] (and their log-probabilities under the raw logits when asked) from logits [n, V]."""
-        p = self.params
+    def _choose(self, logits: torch.Tensor, seen: torch.Tensor | None, rows: list[int],
+                args: tuple[torch.Tensor, ...] | None) -> tuple[torch.Tensor, ...]:
+        """Next ids [n] (and their log-probabilities under the raw logits when a row asks) from logits [n, V] of
+        `rows` (args: their _row_args; None in a drafting run, where every row is greedy without a penalty)."""
         raw = logits
-        if seen is not None:  # HF RepetitionPenaltyLogitsProcessor
-            rp = p.repetition_penalty
+        ps = [self._params[r] for r in rows]
+        if seen is not None and any(p.repetition_penalty != 1 for p in ps):  # HF RepetitionPenaltyLogitsProcessor
+            rp = args[0]
             logits = torch.where(seen, torch.where(logits < 0, logits * rp, logits / rp), logits)
         if self._vocab is not None:
             logits = logits[:, :self._vocab].contiguous()
-        n = logits.shape[0]
-        if p.greedy:
+        if all(p.greedy for p in ps):
             tok = ops.argmax(logits)
         else:
-            temperature, top_k, top_p = (a[:n] for a in self._sample_args)
-            tok = ops.sample_with_generator(logits, temperature, top_k, top_p, self._generator)
+            _, greedy, temperature, top_k, top_p = args
+            tok = ops.sample(logits, temperature, top_k, top_p, self._uniforms(rows))
+            if any(p.greedy for p in ps):
+                tok = torch.where(greedy, ops.argmax(logits), tok)
         if seen is not None:
-            seen[torch.arange(n, device=seen.device), tok] = True
-        if not self.logprobs:
+            seen[torch.arange(len(rows), device=seen.device), tok] = True
+        if not any(self.results[r].logprobs is not None for r in rows):
             return tok, None
         return tok, torch.log_softmax(raw, dim=-1).gather(1, tok[:, None])[:, 0]
 
@@ -407,7 +470,7 @@ class Run:
         earlier occurrence of its last 3 (else 2, else 1) tokens, capped so that the verified tokens stay within
         the row's budget and the context window."""
         res = self.results[r]
-        k = min(self.params.prompt_lookup, self._budget[r] - len(res.tokens) - 1,
+        k = min(self._params[r].prompt_lookup, self._budget[r] - len(res.tokens) - 1,
                 self.engine.model.max_seq_len - 1 - at)
         if k <= 0:
             return []
@@ -448,7 +511,7 @@ class Run:
                                         pads)
         else:
             logits = self.engine.verify(slots, ats, fed)
-        tok, lp = self._choose(logits, None)
+        tok, lp = self._choose(logits, None, [r for r, f in zip(rows, fed) for _ in f], None)
         chosen = tok.tolist()
         lps = lp.tolist() if lp is not None else [None] * len(chosen)
         out, i = {}, 0
@@ -470,62 +533,63 @@ class Run:
     def _generate(self) -> Iterator[list[tuple[int, int]]]:
         """Continuous batching: up to max_batch_size rows decode together; a finished row's cache slot is
         refilled with the next queued prompt (prefilled in the same step), so a long row never idles the rest.
-        With prompt_lookup, rows hold the tokens chosen for their next steps (pending; a confirmed draft gives
+        In a drafting run, rows hold the tokens chosen for their next steps (pending; a confirmed draft gives
         several) and only rows with none left are computed; their inputs are built on the host."""
-        model, p = self.engine.model, self.params
-        dev, window = model.device, model.max_seq_len
-        budget = self._budget = [min(p.max_new_tokens, window - len(ids)) for ids in self.prompts]
-        lookup = p.prompt_lookup > 0
-        self._lookup_misses = [0] * len(self.prompts)
-        self._lookup_wait = [0] * len(self.prompts)
-        self._ngrams: dict[int, tuple[dict, int]] = {}  # row -> (n-gram -> latest start, positions indexed)
-        pending: dict[int, list[tuple[int, float | None]]] = {}  # prompt_lookup: row -> its next tokens
-        queue = list(range(len(self.prompts)))[::-1]  # popped from the end
+        try:
+            yield from self._steps_of_run()
+        finally:
+            self.finished = True
+
+    def _steps_of_run(self) -> Iterator[list[tuple[int, int]]]:
+        model, queue = self.engine.model, self._queue
+        dev = model.device
+        pending: dict[int, list[tuple[int, float | None]]] = {}  # drafting run: row -> its next tokens
         free = list(range(model.max_batch_size))[::-1]
-        live: list[int] = []  # rows, in the order of the rows of logits / tok / pos / slot / seen
+        live: list[int] = []  # rows, in the order of the rows of logits / tok / pos / slot / seen / args
         slot_of: dict[int, int] = {}
         pad_slots = None  # free slots on the device, rebuilt only when `free` changes (no per-step copy)
+        args = None  # _row_args of the live rows, rebuilt only when they change
         with torch.inference_mode():
             logits = torch.empty(0, model.args.vocab_size, dtype=torch.float32, device=dev)
             pos = torch.empty(0, dtype=torch.int32, device=dev)
             slot = torch.empty(0, dtype=torch.int32, device=dev)
-            seen = torch.empty(0, model.args.vocab_size, dtype=torch.bool, device=dev) \
-                if p.repetition_penalty != 1 else None
+            seen = None if self.lookup else torch.empty(0, model.args.vocab_size, dtype=torch.bool, device=dev)
         while True:
             if queue and free:
-                new = [queue.pop() for _ in range(min(len(queue), len(free)))]
+                new = queue[:len(free)]
+                del queue[:len(free)]
                 new_slots, parts = self._admit(new, free)
                 slot_of.update(zip(new, new_slots))
-                pad_slots = None
+                pad_slots = args = None
                 live += new
-                if lookup:  # the new rows' first tokens
-                    tok, lp = self._choose(parts[0], None)
+                if self.lookup:  # the new rows' first tokens
+                    tok, lp = self._choose(parts[0], None, new, None)
                     lps = lp.tolist() if lp is not None else [None] * len(new)
                     pending.update((r, [(t, lp)]) for r, t, lp in zip(new, tok.tolist(), lps))
                 else:
                     with torch.inference_mode():
-                        logits, pos, slot = (torch.cat([a, b]) for a, b in zip((logits, pos, slot), parts))
-                        seen = torch.cat([seen, parts[3]]) if seen is not None else None
-            if lookup:
+                        logits, pos, slot, seen = (torch.cat([a, b]) for a, b in zip((logits, pos, slot, seen), parts))
+            if self.lookup:
                 ids, lps = (list(v) for v in zip(*(pending[r].pop(0) for r in live)))
-                lps = lps if self.logprobs else None
             else:
-                tok, lp = self._choose(logits, seen)
+                if args is None:
+                    args = self._row_args(live)
+                tok, lp = self._choose(logits, seen, live, args)
                 ids = tok.tolist()
                 lps = lp.tolist() if lp is not None else None
             step = []
             for j, r in enumerate(live):
                 res = self.results[r]
-                if ids[j] in self.stop_ids:
+                if ids[j] in self._stop_ids[r]:
                     self.finish(r, "stop")
                     continue
                 res.tokens.append(ids[j])
-                if lps is not None:
+                if res.logprobs is not None:
                     res.logprobs.append(lps[j])
                 step.append((r, ids[j]))
-                if len(res.tokens) >= budget[r]:
+                if len(res.tokens) >= self._budget[r]:
                     self.finish(r, "length")
-            yield step  # the consumer may finish rows here (stop strings)
+            yield step  # the consumer may finish rows here (stop strings) and add prompts
             keep = [j for j, r in enumerate(live) if not self._done[r]]
             fed = [(slot_of[live[j]], ids[j]) for j in keep]
             if not keep and not queue:
@@ -533,13 +597,12 @@ class Run:
             with torch.inference_mode():
                 if len(keep) < len(live):  # finished rows leave the decode batch and free their slots
                     free += [slot_of[r] for r in live if self._done[r]]
-                    pad_slots = None
-                    if not lookup:
+                    pad_slots = args = None
+                    if not self.lookup:
                         idx = torch.tensor(keep, dtype=torch.int64, device=dev)
-                        tok, pos, slot = tok[idx], pos[idx], slot[idx]
-                        seen = seen[idx] if seen is not None else None
+                        tok, pos, slot, seen = tok[idx], pos[idx], slot[idx], seen[idx]
                     live = [live[j] for j in keep]
-                if lookup:
+                if self.lookup:
                     starved = [r for r in live if not pending[r]]
                     if starved:
                         pending.update(self._lookup_step(starved, slot_of, free))

@@ -200,6 +200,37 @@ def test_bad_sampling_values(kw, match):
         SamplingParams(**kw)
 
 
+def test_rows_added_between_steps_equal_their_own_runs(folder):
+    """Run.add queues prompts with their own sampling parameters, stop ids and logprobs wish into a running
+    generation (as the text API does with concurrent calls): each call's rows equal that call alone, greedy,
+    penalised and seeded-sampled alike (a seeded call draws from its own generator), with more rows than slots."""
+    engine = Engine(load_model(folder, dtype=torch.float32, max_seq_len=96, max_batch_size=3))
+    p = random_prompts(6)
+    calls = [([p[0]], SamplingParams(max_new_tokens=N_NEW), [EOS], True),
+             ([p[1], p[2]], SamplingParams(max_new_tokens=N_NEW, temperature=0.8, top_k=20, seed=5), [EOS], False),
+             ([p[3]], SamplingParams(max_new_tokens=7, repetition_penalty=1.3), [EOS, 110], True),
+             ([p[4], p[5]], SamplingParams(max_new_tokens=N_NEW, temperature=1.1, top_p=0.8, seed=9), [], True)]
+    alone = [engine.generate(*call) for call in calls]
+    run = engine.run(*calls[0])
+    rows = [[0]]
+    for i, _ in enumerate(run):
+        if i in (0, 2, 3):
+            rows.append(run.add(*calls[len(rows)]))
+    assert len(rows) == len(calls)
+    for call_rows, want in zip(rows, alone):
+        for r, ref in zip(call_rows, want):
+            res = run.results[r]
+            assert (res.tokens, res.finish_reason) == (ref.tokens, ref.finish_reason)
+            assert (res.logprobs is None) == (ref.logprobs is None)
+            if ref.logprobs is not None:
+                assert res.logprobs == pytest.approx(ref.logprobs, abs=1e-5)
+    assert run.finished
+    with pytest.raises(RuntimeError, match="this run has finished"):
+        run.add([p[0]], SamplingParams(), [EOS])
+    with pytest.raises(ValueError, match="with and without prompt_lookup cannot share a run"):
+        engine.run([p[0]], SamplingParams(), [EOS]).add([p[1]], SamplingParams(prompt_lookup=3), [EOS])
+
+
 def test_abandoned_run_leaves_engine_usable(engine, expected):
     run = engine.run(random_prompts(3), SamplingParams(max_new_tokens=N_NEW), [EOS])
     next(iter(run))
