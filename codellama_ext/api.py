@@ -12,8 +12,8 @@ Prefix reuse: the KV cache keeps what earlier calls computed, and a prompt that 
 Thread safety: one lock per model serialises every call (the model has one KV cache), shared by all CodeLlama
 instances over that model. A stream holds the lock from its first item until it is exhausted, closed or garbage
 collected; abandoning a stream therefore frees the model, but keeping an unfinished stream alive (without
-iterating or closing it) blocks every other caller of the model; a call from the thread that holds such a stream
-raises RuntimeError instead of waiting for itself forever.
+iterating or closing it) blocks every other caller of the model; a call from the thread that last took an item
+from such a stream raises RuntimeError instead of waiting for itself forever (other threads wait).
 """
 
 from __future__ import annotations
@@ -61,6 +61,11 @@ class _ModelLock:
     def __exit__(self, *exc) -> None:
         self._owner = None
         self._lock.release()
+
+    def resumed(self) -> None:
+        """A stream holding the lock was resumed by the calling thread: it is the owner now (a stream may be
+        handed from thread to thread, e.g. by a thread pool serving its items)."""
+        self._owner = threading.get_ident()
 
 
 _MODEL_LOCKS: "weakref.WeakKeyDictionary[Transformer, _ModelLock]" = weakref.WeakKeyDictionary()
@@ -112,6 +117,13 @@ class CodeLlama:
 
     def __init__(self, model: Transformer, tokenizer: CodeLlamaTokenizer, *, cuda_graphs: bool = True,
                  prefix_cache: bool = True):
+        if not isinstance(model, Transformer):
+            raise ValueError(f"model must be a Transformer (codellama_ext.load_model), got {type(model).__name__}")
+        if not isinstance(tokenizer, CodeLlamaTokenizer):
+            raise ValueError(f"tokenizer must be a CodeLlamaTokenizer, got {type(tokenizer).__name__}")
+        for name, flag in (("cuda_graphs", cuda_graphs), ("prefix_cache", prefix_cache)):
+            if not isinstance(flag, bool):  # a string such as "false" would read as True
+                raise ValueError(f"{name} must be a bool, got {flag!r}")
         if tokenizer.n_words > model.args.vocab_size:
             raise ValueError(f"the tokenizer has {tokenizer.n_words} pieces but the model only "
                              f"{model.args.vocab_size} embedding rows")
@@ -141,6 +153,10 @@ class CodeLlama:
             if not (path / "params.json").is_file():
                 raise FileNotFoundError(f"the default model folder {str(path)!r} is missing (params.json not "
                                         "found); pass the path of a CodeLlama model folder")
+        if not isinstance(path, (str, os.PathLike)):
+            raise ValueError(f"path must be a model folder (str or os.PathLike) or None, got {type(path).__name__}")
+        if not isinstance(prefix_cache, bool):  # checked before the (slow) load
+            raise ValueError(f"prefix_cache must be a bool, got {prefix_cache!r}")
         if not os.path.isdir(path):
             raise FileNotFoundError(f"model folder {os.fspath(path)!r} does not exist")
         if max_seq_len is None:
@@ -190,6 +206,7 @@ class CodeLlama:
             for _, delta in events:
                 if delta:
                     yield delta
+                    self._lock.resumed()
 
     def __call__(self, prompt: str, *, params: SamplingParams | None = None, **kw) -> str:
         """Pipeline style: a prompt with <FILL_ME> gives the prompt with the middle filled in; any other prompt
@@ -213,18 +230,29 @@ class CodeLlama:
         sp = _params(params, sampling)
         if sp.stop:
             raise ValueError("generate works on token ids: pass stop_ids, not stop strings")
-        stop_ids = [self.tokenizer.eos_id] if stop_ids is None else list(stop_ids)
+        vocab = self.args.vocab_size
+        if stop_ids is None:
+            stop_ids = [self.tokenizer.eos_id]
+        elif isinstance(stop_ids, (str, bytes)) or not isinstance(stop_ids, Sequence) or not all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in stop_ids):
+            # a str, an int or a float id would otherwise be an obscure TypeError or a stop never matched
+            raise ValueError(f"stop_ids must be a list of token ids (integers in [0, {vocab})) or None, "
+                             f"got {stop_ids!r}")
+        if not isinstance(logprobs, bool):
+            raise ValueError(f"logprobs must be a bool, got {logprobs!r}")
         with self._lock:
-            return self.engine.generate(prompt_tokens, sp, stop_ids, logprobs)
+            return self.engine.generate(prompt_tokens, sp, list(stop_ids), logprobs)
 
     # ---- internals ----
     def _ids(self, mode: str, prompt, suffix: str | None = None, suffix_first: bool = False) -> list[int]:
         tok = self.tokenizer
+        if not isinstance(suffix_first, bool):
+            raise ValueError(f"suffix_first must be a bool, got {suffix_first!r}")
         if mode == "complete":
             if not isinstance(prompt, str):
                 raise ValueError(f"a completion prompt must be a string, got {type(prompt).__name__}")
-            if suffix is not None:
-                raise ValueError("suffix is only used with mode='infill'")
+            if suffix is not None or suffix_first:
+                raise ValueError("suffix and suffix_first are only used with mode='infill'")
             return tok.encode_meta(prompt, bos=True, eos=False)
         if mode == "infill":
             if not isinstance(prompt, str) or not isinstance(suffix, (str, type(None))):
@@ -237,8 +265,8 @@ class CodeLlama:
                                             "infilling")
             return ids
         if mode == "chat":
-            if suffix is not None:
-                raise ValueError("suffix is only used with mode='infill'")
+            if suffix is not None or suffix_first:
+                raise ValueError("suffix and suffix_first are only used with mode='infill'")
             if isinstance(prompt, (str, dict)):
                 raise ValueError("chat needs a list of messages (dicts with 'role' and 'content')")
             return tok.chat_ids(prompt)
