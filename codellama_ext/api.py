@@ -9,11 +9,13 @@ Prefix reuse: the KV cache keeps what earlier calls computed, and a prompt that 
 (a resent prompt, a chat's earlier turns, the unchanged head of an edited file) is prefilled from there only
 (GenerationResult.cached_tokens counts them; from_pretrained(prefix_cache=False) turns it off).
 
-Thread safety: one lock per model serialises every call (the model has one KV cache), shared by all CodeLlama
-instances over that model. A stream holds the lock from its first item until it is exhausted, closed or garbage
-collected; abandoning a stream therefore frees the model, but keeping an unfinished stream alive (without
-iterating or closing it) blocks every other caller of the model; a call from the thread that last took an item
-from such a stream raises RuntimeError instead of waiting for itself forever (other threads wait).
+Concurrency: calls on one model from several threads share its generation (codellama_ext.batching): a call made
+while another is generating joins it, and their rows decode in the same steps, each with its own sampling
+parameters, so N concurrent requests cost about one batch of N. Each result equals the same call made alone
+(greedy, and seeded sampling: a seed draws from its own generator). A stream's tokens are computed whenever any
+caller steps the generation; closing or dropping a stream ends its rows. A thread may call the model while it
+holds an unfinished stream (the call steps the stream's row too). Calls of another kind (prompt_lookup, or another
+CodeLlama over the same model) wait for the generation in progress to end.
 """
 
 from __future__ import annotations
@@ -22,13 +24,12 @@ import contextlib
 import dataclasses
 import json
 import os
-import threading
-import weakref
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 
+from .batching import batcher_of
 from .checkpoint import verify_checklist
 from .generation import Engine, GenerationResult, SamplingParams
 from .model import Transformer, load_model
@@ -39,36 +40,6 @@ __all__ = ["CodeLlama", "SamplingParams", "GenerationResult", "DEFAULT_MODEL_DIR
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
 DEFAULT_CONTEXT = 4096  # max_seq_len when not given: CodeLlama's window is 16k, most uses need far less cache
 _MODES = ("complete", "infill", "chat")
-_MODEL_LOCKS_GUARD = threading.Lock()
-
-
-class _ModelLock:
-    """A model's lock: other threads wait for it; the thread holding it (e.g. inside an unfinished stream of the
-    model) gets an error, since it would otherwise wait for itself forever."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._owner: int | None = None  # only its owner can find its own id here, so reading it unlocked is safe
-
-    def __enter__(self) -> "_ModelLock":
-        if self._owner == threading.get_ident():
-            raise RuntimeError("this model is already generating on this thread (an unfinished stream?): exhaust "
-                               "or close() that stream before the next call")
-        self._lock.acquire()
-        self._owner = threading.get_ident()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._owner = None
-        self._lock.release()
-
-    def resumed(self) -> None:
-        """A stream holding the lock was resumed by the calling thread: it is the owner now (a stream may be
-        handed from thread to thread, e.g. by a thread pool serving its items)."""
-        self._owner = threading.get_ident()
-
-
-_MODEL_LOCKS: "weakref.WeakKeyDictionary[Transformer, _ModelLock]" = weakref.WeakKeyDictionary()
 
 
 class _TextRow:
@@ -129,8 +100,7 @@ class CodeLlama:
                              f"{model.args.vocab_size} embedding rows")
         self.model, self.tokenizer, self.args = model, tokenizer, model.args
         self.engine = Engine(model, cuda_graphs=cuda_graphs, prefix_cache=prefix_cache)
-        with _MODEL_LOCKS_GUARD:
-            self._lock = _MODEL_LOCKS.setdefault(model, _ModelLock())
+        self._batcher = batcher_of(model)
 
     @property
     def device(self) -> torch.device:
@@ -201,12 +171,10 @@ class CodeLlama:
         return self._stream(ids, mode, sp)
 
     def _stream(self, ids: list[int], mode: str, sp: SamplingParams) -> Iterator[str]:
-        # Closing this generator closes the engine run first, then releases the lock.
-        with self._lock, contextlib.closing(self._events([ids], mode, sp)) as events:
+        with contextlib.closing(self._events([ids], mode, sp)) as events:  # closing the stream ends its row
             for _, delta in events:
                 if delta:
                     yield delta
-                    self._lock.resumed()
 
     def __call__(self, prompt: str, *, params: SamplingParams | None = None, **kw) -> str:
         """Pipeline style: a prompt with <FILL_ME> gives the prompt with the middle filled in; any other prompt
@@ -240,8 +208,10 @@ class CodeLlama:
                              f"got {stop_ids!r}")
         if not isinstance(logprobs, bool):
             raise ValueError(f"logprobs must be a bool, got {logprobs!r}")
-        with self._lock:
-            return self.engine.generate(prompt_tokens, sp, list(stop_ids), logprobs)
+        call = self._batcher.submit(self.engine, prompt_tokens, sp, list(stop_ids), logprobs)
+        for _ in call:
+            pass
+        return call.results
 
     # ---- internals ----
     def _ids(self, mode: str, prompt, suffix: str | None = None, suffix_first: bool = False) -> list[int]:
@@ -283,30 +253,29 @@ class CodeLlama:
     def _texts(self, prompts: list[list[int]], mode: str, sp: SamplingParams,
                detok: str | None = None) -> list[str]:
         out = [""] * len(prompts)
-        with self._lock:
-            for row, delta in self._events(prompts, mode, sp, detok):
-                out[row] += delta
+        for row, delta in self._events(prompts, mode, sp, detok):
+            out[row] += delta
         return out
 
     def _events(self, prompts: list[list[int]], mode: str, sp: SamplingParams,
                 detok: str | None = None) -> Iterator[tuple[int, str]]:
-        """(row, text delta) pairs as tokens arrive; the caller holds the lock. Closing this generator closes
-        the engine run, so an abandoned stream leaves the model ready for the next call. detok: the
-        detokenizer mode, by default the mode's own ("infill" keeps a leading space, "completion" drops it)."""
-        run = self.engine.run(prompts, sp, self._stop_ids(mode), vocab=self.tokenizer.n_words)
+        """(row, text delta) pairs as tokens arrive, the prompts joining the model's generation when this is first
+        advanced. Closing this generator ends its rows. detok: the detokenizer mode, by default the mode's own
+        ("infill" keeps a leading space, "completion" drops it)."""
+        call = self._batcher.submit(self.engine, prompts, sp, self._stop_ids(mode), vocab=self.tokenizer.n_words)
         detok = detok or ("infill" if mode == "infill" else "completion")
         rows = [_TextRow(self.tokenizer, detok, sp.stop) for _ in prompts]
         try:
-            for step in run:
+            for step in call:
                 for r, t in step:
                     if rows[r].add(t):
-                        run.finish(r)
+                        call.finish(r)
                     yield r, rows[r].delta(final=False)
             for r, row in enumerate(rows):
                 row.close()
                 yield r, row.delta(final=True)
         finally:
-            run.close()
+            call.close()
 
 
 def _params(params: SamplingParams | None, sampling: dict) -> SamplingParams:

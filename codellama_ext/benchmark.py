@@ -98,8 +98,8 @@ def _prompts(batch: int, length: int, seed: int) -> list[list[int]]:
 
 
 def _ours_runner(model, prefix_cache: bool = False) -> Callable[[list[list[int]], int], list[float]]:
-    """The engine behind CodeLlama.generate (that method adds only a lock): the random checkpoint has no
-    tokenizer.model, which CodeLlama.from_pretrained needs. Prefix reuse off by default: the repeats resend their
+    """The engine behind CodeLlama.generate (which adds only batching across threads): the random checkpoint
+    has no tokenizer.model, which CodeLlama.from_pretrained needs. Prefix reuse off by default: the repeats resend their
     prompts, and "prefill P" is the whole prompt's."""
     from .generation import Engine, SamplingParams
     engine = Engine(model, prefix_cache=prefix_cache)

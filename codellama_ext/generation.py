@@ -67,8 +67,10 @@ class SamplingParams:
             stop = ()
         elif isinstance(stop, str):
             stop = (stop,)
-        else:
+        elif isinstance(stop, (list, tuple)):
             stop = tuple(stop)
+        else:  # tuple() of an int fails obscurely; of bytes gives ints
+            raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
         object.__setattr__(self, "stop", stop)
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
                 or self.max_new_tokens < 1:
@@ -167,8 +169,8 @@ class _DecodeGraph:
 
 class Engine:
     """Batched generation on one Transformer. Not thread-safe (the KV cache is shared): callers serialise runs,
-    and a run must be finished or closed before the next one starts (CodeLlama's lock does both).
-    prefix_cache=False: every prompt is prefilled whole."""
+    and a run must be finished or closed before the next one starts (codellama_ext.batching does both for
+    CodeLlama). prefix_cache=False: every prompt is prefilled whole."""
 
     def __init__(self, model: Transformer, cuda_graphs: bool = True, prefix_cache: bool = True):
         self.model = model
@@ -384,6 +386,10 @@ class Run:
 
     def close(self) -> None:
         self._steps.close()
+
+    def done(self, row: int) -> bool:
+        """Whether `row` has ended (a stop id, its budget, or finish)."""
+        return self._done[row]
 
     def finish(self, row: int, reason: str = "stop") -> None:
         """Ends `row` (its slot is freed at the next step); reason becomes its finish_reason."""

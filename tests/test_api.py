@@ -174,18 +174,16 @@ def test_abandoned_stream_leaves_model_usable(llm, expected_complete):
     del s  # dropped mid-way: garbage collection closes it and releases the lock
     gc.collect()
     assert llm.complete(COMPLETE[3], max_new_tokens=N) == expected_complete[3]
-    # a call from inside one's own unfinished stream is refused (the lock would wait for itself forever)
+    # a call from inside one's own unfinished stream joins its generation (test_batching.py)
     s = llm.stream(COMPLETE[2], max_new_tokens=N)
-    next(s)
-    with pytest.raises(RuntimeError, match="already generating on this thread"):
-        llm.complete(COMPLETE[0], max_new_tokens=N)
-    s.close()
+    first = next(s)
     assert llm.complete(COMPLETE[0], max_new_tokens=N) == expected_complete[0]
+    assert first + "".join(s) == expected_complete[2]
 
 
-def test_concurrent_calls_serialise(llm, step_llm, expected_complete):
-    # two instances over one model (one KV cache) share its lock
-    assert step_llm._lock is llm._lock
+def test_concurrent_calls_on_two_instances(llm, step_llm, expected_complete):
+    # two instances over one model (one KV cache) share its batcher; their calls take turns (different engines)
+    assert step_llm._batcher is llm._batcher
     # the <step> vocabulary decodes the last piece differently: its single run is the reference
     expected = {0: [step_llm.complete(COMPLETE[0], max_new_tokens=N)] * 2, 3: [expected_complete[3]] * 2}
     results, errors = {}, []

@@ -193,6 +193,8 @@ def test_bad_prompt_ids(engine, prompts, match):
     (dict(top_k=-1), "top_k must be an integer >= 0"),
     (dict(repetition_penalty=0.0), "repetition_penalty must be a finite number > 0"),
     (dict(stop=["ok", ""]), "stop must be a non-empty string"),
+    (dict(stop=5), "stop must be a non-empty string or a list of them, got 5"),  # was: TypeError, not iterable
+    (dict(stop=b"ab"), r"got b'ab'"),  # was: accepted as the ints (97, 98), then refused naming them
     (dict(seed="x"), "seed must be an integer"),
 ])
 def test_bad_sampling_values(kw, match):

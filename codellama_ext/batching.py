@@ -1,0 +1,168 @@
+"""Concurrent calls on one model share its generation (continuous batching across threads).
+
+A model has one KV cache, so at most one Run works on it at a time. A call joins the run in progress (Run.add, its
+own sampling parameters, stop ids and logprobs wish) and its rows decode in the same steps as everyone else's: N
+concurrent requests cost about what one batch of N costs, not N runs one after another. There is no background
+thread: a caller that waits for tokens while no one is stepping the run steps it itself (a Python generator may be
+resumed from any thread, one at a time), and hands each step's tokens to the calls they belong to. So a single
+caller drives its own generation on its own thread, as without batching.
+
+A call cannot join a run of another kind (drafting with prompt_lookup or not, another Engine over the same model,
+another vocabulary limit); it waits until that run ends, and while it waits the run takes no new calls, so it
+cannot be starved. A call that ends early (a stop string, a closed or abandoned stream) has its rows finished
+before the next step. An exception while stepping (KeyboardInterrupt, out of memory) ends the run: the thread that
+stepped gets it, and the other calls in the run a RuntimeError that names it.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Iterator, Sequence
+
+from .generation import Engine, GenerationResult, Run, SamplingParams
+from .model import Transformer
+
+__all__ = ["Batcher", "Call", "batcher_of"]
+
+
+class Call:
+    """One call's rows in the shared run. Iterating yields lists of (index of the call's prompt, token id) as the
+    steps that produce them run; closing it (or dropping it) finishes the rows still going."""
+
+    def __init__(self, batcher: "Batcher", run: Run, rows: list[int]):
+        self._batcher, self._run, self._rows = batcher, run, rows
+        self._index = {r: i for i, r in enumerate(rows)}
+        self._inbox: list[tuple[int, int]] = []
+        self._open = True  # some row of the call is still generating
+        self._error: BaseException | None = None
+        self._ending: set[int] = set()  # rows the caller ended, for the next stepper to finish
+        self._steps = self._consume()
+
+    @property
+    def results(self) -> list[GenerationResult]:
+        """The outcome of each of the call's prompts (complete once iteration has ended)."""
+        return [self._run.results[r] for r in self._rows]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        return self._steps
+
+    def close(self) -> None:
+        self._steps.close()
+
+    def finish(self, i: int) -> None:
+        """Ends the call's prompt i (a stop string): its row is finished before the next step."""
+        with self._batcher._cond:
+            self._ending.add(self._rows[i])
+
+    def _consume(self) -> Iterator[list[tuple[int, int]]]:
+        b = self._batcher
+        try:
+            while True:
+                with b._cond:
+                    while not self._inbox and self._open and self._error is None:
+                        if b._driving:
+                            b._cond.wait()
+                        else:
+                            b._step()
+                    items, self._inbox = self._inbox, []
+                    if self._error is not None:
+                        raise RuntimeError(f"the generation this call shared with others failed: "
+                                           f"{self._error!r}") from self._error
+                if items:
+                    yield items
+                elif not self._open:
+                    return
+        finally:
+            with b._cond:
+                if self._open:  # closed early: the rest of its rows stop at the next step
+                    self._ending.update(self._rows)
+                    self._open = False
+                b._cond.notify_all()
+
+
+class Batcher:
+    """The shared run of one model and the calls in it."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._run: Run | None = None
+        self._kind = None  # what a call must match to join the run
+        self._calls: list[Call] = []  # the calls with rows in the run
+        self._owner: dict[int, Call] = {}  # run row -> its call
+        self._driving = False  # a thread is stepping the run (with the condition released)
+        self._waiting = 0  # calls waiting for the run to end: it takes no new calls meanwhile
+
+    def submit(self, engine: Engine, prompts: Sequence[Sequence[int]], params: SamplingParams,
+               stop_ids: Sequence[int], logprobs: bool = False, vocab: int | None = None) -> Call:
+        """Adds a call's prompts to the run in progress, or starts one. Bad prompts raise here (ValueError)."""
+        kind = (engine, vocab, params.prompt_lookup > 0)
+        with self._cond:
+            while self._run is not None and (self._driving or self._kind != kind or self._waiting):
+                if self._driving:
+                    self._cond.wait()
+                    continue
+                blocking = self._run  # wait for it to end, stepping it when no one is
+                self._waiting += 1
+                try:
+                    while self._run is blocking:
+                        if self._driving:
+                            self._cond.wait()
+                        else:
+                            self._step()
+                finally:
+                    self._waiting -= 1
+            if self._run is None:
+                run = engine.run(prompts, params, stop_ids, logprobs, vocab)
+                rows = list(range(len(run.prompts)))
+                self._run, self._kind, self._calls, self._owner = run, kind, [], {}
+            else:
+                run = self._run
+                rows = run.add(prompts, params, stop_ids, logprobs)
+            call = Call(self, run, rows)
+            self._calls.append(call)
+            self._owner.update((r, call) for r in rows)
+            return call
+
+    def _step(self) -> None:
+        """Runs one step of the run (the caller holds the condition; it is released during the step) and hands
+        out its tokens; drops the run when it has ended."""
+        run = self._run
+        for call in self._calls:
+            for r in call._ending:
+                run.finish(r)
+            call._ending.clear()
+        self._driving = True
+        self._cond.release()
+        step, error = None, None
+        try:
+            step = next(iter(run), None)
+        except BaseException as e:  # noqa: B902: the run is over whatever ended it; the stepper re-raises it
+            error = e
+        finally:
+            self._cond.acquire()
+            self._driving = False
+        for r, t in step or ():
+            self._owner[r]._inbox.append((self._owner[r]._index[r], t))
+        ended = step is None
+        for call in self._calls:
+            if error is not None:
+                call._error = error
+            if ended or all(run.done(r) for r in call._rows):
+                call._open = False
+        self._calls = [c for c in self._calls if c._open]
+        if ended:
+            self._run = None
+        self._cond.notify_all()
+        if error is not None:
+            raise error
+
+
+_BATCHERS: "weakref.WeakKeyDictionary[Transformer, Batcher]" = weakref.WeakKeyDictionary()
+_BATCHERS_GUARD = threading.Lock()
+
+
+def batcher_of(model: Transformer) -> Batcher:
+    """The one Batcher of a model, shared by every CodeLlama over it (they share its KV cache)."""
+    with _BATCHERS_GUARD:
+        return _BATCHERS.setdefault(model, Batcher())
