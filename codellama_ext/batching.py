@@ -92,17 +92,35 @@ class Batcher:
         self._owner: dict[int, Call] = {}  # run row -> its call
         self._driving = False  # a thread is stepping the run (with the condition released)
         self._waiting = 0  # calls waiting for the run to end: it takes no new calls meanwhile
+        self._joins: list[_Join] = []  # calls that arrived during a step, for the next step to add
 
     def submit(self, engine: Engine, prompts: Sequence[Sequence[int]], params: SamplingParams,
                stop_ids: Sequence[int], logprobs: bool = False, vocab: int | None = None) -> Call:
-        """Adds a call's prompts to the run in progress, or starts one. Bad prompts raise here (ValueError)."""
+        """Adds a call's prompts to the run in progress (at its next step when a step is running), or starts one.
+        Bad prompts raise here (ValueError)."""
         kind = (engine, vocab, params.prompt_lookup > 0)
+        prompts = engine.check_prompts(prompts)  # here: Run.add, run by another thread's step, must not fail
         with self._cond:
-            while self._run is not None and (self._driving or self._kind != kind or self._waiting):
-                if self._driving:
-                    self._cond.wait()
+            while True:
+                if self._run is None:
+                    run = engine.run(prompts, params, stop_ids, logprobs, vocab)
+                    self._run, self._kind, self._calls, self._owner = run, kind, [], {}
+                    return self._join(run, list(range(len(run.prompts))))
+                if self._kind == kind and not self._waiting:
+                    if not self._driving:
+                        return self._join(self._run, self._run.add(prompts, params, stop_ids, logprobs))
+                    # A step is running: the next step takes the call in (its stepper may well be the thread
+                    # stepping now, which would otherwise take the condition back before this one wakes).
+                    join = _Join(prompts, params, stop_ids, logprobs)
+                    self._joins.append(join)
+                    run = self._run
+                    while join.call is None and self._run is run and self._driving:
+                        self._cond.wait()
+                    if join.call is not None:
+                        return join.call
+                    self._joins.remove(join)  # the run ended, or no step has started since: try again
                     continue
-                blocking = self._run  # wait for it to end, stepping it when no one is
+                blocking = self._run  # another kind: wait for the run to end, stepping it when no one is
                 self._waiting += 1
                 try:
                     while self._run is blocking:
@@ -112,22 +130,20 @@ class Batcher:
                             self._step()
                 finally:
                     self._waiting -= 1
-            if self._run is None:
-                run = engine.run(prompts, params, stop_ids, logprobs, vocab)
-                rows = list(range(len(run.prompts)))
-                self._run, self._kind, self._calls, self._owner = run, kind, [], {}
-            else:
-                run = self._run
-                rows = run.add(prompts, params, stop_ids, logprobs)
-            call = Call(self, run, rows)
-            self._calls.append(call)
-            self._owner.update((r, call) for r in rows)
-            return call
+
+    def _join(self, run: Run, rows: list[int]) -> Call:
+        call = Call(self, run, rows)
+        self._calls.append(call)
+        self._owner.update((r, call) for r in rows)
+        return call
 
     def _step(self) -> None:
         """Runs one step of the run (the caller holds the condition; it is released during the step) and hands
         out its tokens; drops the run when it has ended."""
         run = self._run
+        for join in self._joins:
+            join.call = self._join(run, run.add(join.prompts, join.params, join.stop_ids, join.logprobs))
+        self._joins.clear()
         for call in self._calls:
             for r in call._ending:
                 run.finish(r)
@@ -156,6 +172,14 @@ class Batcher:
         self._cond.notify_all()
         if error is not None:
             raise error
+
+
+class _Join:
+    """A call waiting for the next step to add it to the run."""
+
+    def __init__(self, prompts, params, stop_ids, logprobs):
+        self.prompts, self.params, self.stop_ids, self.logprobs = prompts, params, stop_ids, logprobs
+        self.call: Call | None = None
 
 
 _BATCHERS: "weakref.WeakKeyDictionary[Transformer, Batcher]" = weakref.WeakKeyDictionary()

@@ -34,6 +34,29 @@ def test_a_call_joins_the_generation_in_progress(llm, expected_complete):
     assert forwards(llm) - w < serial
 
 
+def test_a_call_arriving_during_a_step_joins_the_next_one(llm, expected_complete, monkeypatch):
+    """A call made while another thread is stepping is added by the next step, whoever runs it (was: the stepping
+    thread took the condition back first, step after step, and the call waited for the whole run)."""
+    real, batcher, box = llm.model.decode_step, llm._batcher, {}
+
+    def step_with_arrival(*args):
+        monkeypatch.setattr(llm.model, "decode_step", real)
+        t = threading.Thread(target=lambda: box.update(text=llm.complete(COMPLETE[1], max_new_tokens=N)))
+        t.start()
+        for _ in range(1000):  # until it waits to join (the condition is free during a step)
+            if batcher._joins:
+                break
+            t.join(0.01)
+        box.update(thread=t, joined=bool(batcher._joins))
+        return real(*args)
+    monkeypatch.setattr(llm.model, "decode_step", step_with_arrival)
+    w = forwards(llm)
+    assert llm.complete(COMPLETE[2], max_new_tokens=N) == expected_complete[2]
+    box["thread"].join(30)
+    assert box["joined"] and box["text"] == expected_complete[1]
+    assert forwards(llm) - w < 2 * N  # one run of about N steps, not two
+
+
 def test_joined_calls_keep_their_own_parameters(llm, expected_complete):
     """Seeded sampling, a repetition penalty, logprobs and stop strings joined into another call's run give what
     they give alone."""
