@@ -1,0 +1,123 @@
+"""Concurrent requests on one model (codellama_ext/batching.py): C client threads each send R greedy requests of N
+new tokens (no stop id) at the same moment, against the same requests made one after another through our engine
+(what a lock per model gives) and through transformers' generate (a service that serialises a transformers
+model). One random-weight checkpoint (codellama_ext.benchmark.write_random_meta), one run.
+
+    PYTHONPATH=. python tools/bench_concurrency.py [--shape 1.1b] [--dtype bfloat16] [--clients 4 8] [--requests 2]
+                                                   [--new-tokens 32] [--prompt 64] [--device cpu] [--no-hf]
+
+Per client count: the throughput (all new tokens / the wall time from the first request to the last answer) and
+the latency of one request (median and worst). Every prompt differs (random ids), prefix reuse is off. Ours
+concurrent must give the ids of ours one by one (checked). Paste the table into benchmarks/RESULTS.md with the
+machine, date and command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import tempfile
+import threading
+import time
+
+import torch
+
+from codellama_ext import CodeLlama, CodeLlamaTokenizer
+from codellama_ext.api import DEFAULT_MODEL_DIR
+from codellama_ext.benchmark import SHAPES, hf_from_meta, write_random_meta
+from codellama_ext.model import load_model
+
+
+def timed(fn) -> tuple[float, object]:
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
+
+
+def concurrent(llm: CodeLlama, requests: list[list[list[int]]], n: int) -> tuple[float, list[float], list]:
+    """(wall seconds, latency per request, ids per request): client c sends requests[c] one after another."""
+    latencies, ids, start = [], {}, threading.Barrier(len(requests) + 1)
+
+    def client(c):
+        start.wait()
+        for i, p in enumerate(requests[c]):
+            s, res = timed(lambda: llm.generate([p], max_new_tokens=n, stop_ids=[]))
+            latencies.append(s)
+            ids[c, i] = res[0].tokens
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(len(requests))]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0, latencies, [ids[c, i] for c in range(len(requests))
+                                                 for i in range(len(requests[c]))]
+
+
+def one_by_one(generate, prompts: list[list[int]]) -> tuple[float, list[float], list]:
+    latencies, ids = [], []
+    for p in prompts:
+        s, out = timed(lambda: generate(p))
+        latencies.append(s)
+        ids.append(out)
+    return sum(latencies), latencies, ids
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", default="1.1b", choices=sorted(SHAPES))
+    ap.add_argument("--dtype", default="bfloat16", choices=("float32", "float16", "bfloat16"))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--clients", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--requests", type=int, default=2, help="requests per client, sent one after another")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--prompt", type=int, default=64, help="prompt length (random ids)")
+    ap.add_argument("--no-hf", action="store_true", help="skip transformers")
+    a = ap.parse_args()
+    dtype = getattr(torch, a.dtype)
+    rng = random.Random(0)
+    with tempfile.TemporaryDirectory() as folder:
+        write_random_meta(folder, SHAPES[a.shape], dtype, device=a.device)
+        model = load_model(folder, device=a.device, dtype=dtype, max_batch_size=max(a.clients),
+                           max_seq_len=a.prompt + a.new_tokens + 1)
+        # the default model's tokenizer: generate() needs one (its ids, below 4112, fit every shape's vocabulary)
+        llm = CodeLlama(model, CodeLlamaTokenizer(str(DEFAULT_MODEL_DIR / "tokenizer.model")), prefix_cache=False)
+        hf = None if a.no_hf else hf_from_meta(folder, dtype, a.device)
+    vocab = llm.tokenizer.n_words
+    llm.generate([[1, 2, 3]], max_new_tokens=2, stop_ids=[])  # warm-up
+    print(f"# bench_concurrency: {a.shape} {a.dtype} on {a.device}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; {a.requests} request(s) per client, prompt {a.prompt} ids, "
+          f"{a.new_tokens} new tokens, greedy")
+    print("| clients | ours concurrent (tok/s) | ours one by one (tok/s) | transformers one by one (tok/s) "
+          "| concurrent / one by one | concurrent / transformers | latency median / worst: concurrent, "
+          "one by one (s) |")
+    print("|---|---|---|---|---|---|---|")
+    for c in a.clients:
+        requests = [[[1] + [rng.randrange(3, vocab) for _ in range(a.prompt - 1)] for _ in range(a.requests)]
+                    for _ in range(c)]
+        flat = [p for r in requests for p in r]
+        tokens = len(flat) * a.new_tokens
+        wall, lat, ids = concurrent(llm, requests, a.new_tokens)
+        s_wall, s_lat, s_ids = one_by_one(
+            lambda p: llm.generate([p], max_new_tokens=a.new_tokens, stop_ids=[])[0].tokens, flat)
+        same = sum(x == y for x, y in zip(ids, s_ids))
+        peer = None
+        if hf is not None:
+            def theirs(p):
+                x = torch.tensor([p], device=a.device)
+                with torch.inference_mode():
+                    return hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
+                                       max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens, pad_token_id=0,
+                                       temperature=None, top_p=None, top_k=None)
+            peer = tokens / one_by_one(theirs, flat)[0]
+        print(f"| {c} | {tokens / wall:.1f} | {tokens / s_wall:.1f} | {'' if peer is None else f'{peer:.1f}'} | "
+              f"{s_wall / wall:.2f}x | {'' if peer is None else f'{tokens / wall / peer:.2f}x'} | "
+              f"{statistics.median(lat):.2f} / {max(lat):.2f}, {statistics.median(s_lat):.2f} / {max(s_lat):.2f} |"
+              + ("" if same == len(flat) else f" ids differ in {len(flat) - same}/{len(flat)} requests"),
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
