@@ -53,9 +53,11 @@ class _TextRow:
         self.text = ""
         self.sent = 0
         self.stopped = False
+        self.tokens = 0  # tokens fed before a stop string ended the text
 
     def add(self, token_id: int) -> bool:
         """Feeds a token; True when a stop string has now ended the text."""
+        self.tokens += not self.stopped
         return self._append(self.detok.add(token_id))
 
     def close(self) -> None:
@@ -257,11 +259,12 @@ class CodeLlama:
             out[row] += delta
         return out
 
-    def _events(self, prompts: list[list[int]], mode: str, sp: SamplingParams,
-                detok: str | None = None) -> Iterator[tuple[int, str]]:
+    def _events(self, prompts: list[list[int]], mode: str, sp: SamplingParams, detok: str | None = None,
+                outcomes: list | None = None) -> Iterator[tuple[int, str]]:
         """(row, text delta) pairs as tokens arrive, the prompts joining the model's generation when this is first
         advanced. Closing this generator ends its rows. detok: the detokenizer mode, by default the mode's own
-        ("infill" keeps a leading space, "completion" drops it)."""
+        ("infill" keeps a leading space, "completion" drops it). outcomes: a list that gets, once the rows have
+        ended, (finish reason, tokens in the text) per row: "stop" for a stop id or stop string, else "length"."""
         call = self._batcher.submit(self.engine, prompts, sp, self._stop_ids(mode), vocab=self.tokenizer.n_words)
         detok = detok or ("infill" if mode == "infill" else "completion")
         rows = [_TextRow(self.tokenizer, detok, sp.stop) for _ in prompts]
@@ -274,6 +277,9 @@ class CodeLlama:
             for r, row in enumerate(rows):
                 row.close()
                 yield r, row.delta(final=True)
+            if outcomes is not None:
+                outcomes += [("stop" if row.stopped else res.finish_reason, row.tokens)
+                             for row, res in zip(rows, call.results)]
         finally:
             call.close()
 

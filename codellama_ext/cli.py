@@ -8,6 +8,7 @@ benchmark (issue 5).
     codellama-ext infill "def f(x):\n    <FILL_ME>\n    return y"   (or: infill PREFIX --suffix SUFFIX)
     codellama-ext chat [--system TEXT] [--message TEXT]           # an interactive chat without --message
     codellama-ext bench [--shape 1.1b] [--dtype bfloat16] [--batch 1 8] ...   # generation benchmark
+    codellama-ext serve [--model DIR] [--port 8000]               # OpenAI-style HTTP API (server.py)
 
 Generation commands read the prompt from stdin when it is '-' or absent and stdin is not a terminal, stream the
 text to stdout as it is generated, and show a loading progress line on stderr when stderr is a terminal.
@@ -387,13 +388,13 @@ def _resolve_device(ns) -> str:
     return device
 
 
-def _load(ns):
+def _load(ns, max_batch_size: int = 1):
     from .api import CodeLlama
     if ns.model is not None and not os.path.isdir(ns.model):
         raise CLIError(f"--model {ns.model}: no such folder")
     device = _resolve_device(ns)
     return CodeLlama.from_pretrained(ns.model, device=device, dtype=ns.dtype, quantize=ns.quantize,
-                                     max_seq_len=ns.max_seq_len, max_batch_size=1, progress=sys.stderr.isatty(),
+                                     max_seq_len=ns.max_seq_len, max_batch_size=max_batch_size, progress=sys.stderr.isatty(),
                                      verify_checksums=ns.verify_checksums)
 
 
@@ -527,7 +528,38 @@ def _run_bench(ns) -> int:
 
 
 # ---- entry point ----
-_COMMANDS: list[Callable] = [_add_convert, _add_memory, _add_complete, _add_infill, _add_chat, _add_bench]
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="an HTTP server with OpenAI's completions and chat-completions API",
+                       description="Serves the model over HTTP: POST /v1/completions (with 'suffix' or <FILL_ME>: "
+                                   "infilling) and /v1/chat/completions, GET /v1/models and /health, in OpenAI's "
+                                   "format (codellama_ext/server.py). Concurrent requests decode together. Ctrl-C "
+                                   "stops it.")
+    _model_arguments(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+                                                         "only; 0.0.0.0: every interface)")
+    p.add_argument("--port", type=_non_negative_int, default=8000, help="port (default 8000; 0: any free one)")
+    p.add_argument("--max-batch-size", "--max_batch_size", dest="max_batch_size", type=_positive_int, default=8,
+                   help="requests decoded together; more wait for a free slot (default 8)")
+    p.add_argument("--name", default=None, help="the model name in responses (default: the folder's name)")
+    p.add_argument("--quiet", action="store_true", help="no access log on stderr")
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(ns) -> int:
+    from .server import make_server
+    llm = _load(ns, max_batch_size=ns.max_batch_size)
+    name = ns.name or (os.path.basename(os.path.normpath(ns.model)) if ns.model else "codellama-ext-default")
+    server = make_server(llm, ns.host, ns.port, name, log=not ns.quiet)
+    host, port = server.server_address[:2]
+    print(f"{PROG}: serving {name} on http://{host}:{port} (POST /v1/completions, /v1/chat/completions)",
+          file=sys.stderr, flush=True)
+    with server:
+        server.serve_forever()
+    return 0
+
+
+_COMMANDS: list[Callable] = [_add_convert, _add_memory, _add_complete, _add_infill, _add_chat, _add_bench,
+                             _add_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -93,6 +93,31 @@ def test_shell_commands(scratch):
         assert run.returncode == 0, f"{line}\n{run.stderr[-2000:]}"
 
 
+def test_serving_commands(scratch):
+    """README's serving block: the server in one terminal, the curl request in another."""
+    import json
+    import signal
+    import time
+    d, env = scratch
+    serve, request = (line.split("#")[0].strip() for line in blocks("sh")[0].strip().splitlines())
+    assert "--port 8000" in serve and "localhost:8000/" in request
+    proc = subprocess.Popen(["bash", "-c", f"exec {serve.replace('--port 8000', '--port 0')} --quiet"], cwd=d,
+                            env=env, stderr=subprocess.PIPE, text=True)  # port 0: a free one, printed
+    try:
+        port = re.search(r"on http://[\d.]+:(\d+)", proc.stderr.readline()).group(1)
+        request = request.replace("localhost:8000/", f"localhost:{port}/")
+        for _ in range(50):  # the line is printed once the socket listens; allow for a slow machine anyway
+            run = subprocess.run(["bash", "-c", request], cwd=d, env=env, capture_output=True, text=True,
+                                 timeout=120)
+            if run.stdout:
+                break
+            time.sleep(0.2)
+        assert json.loads(run.stdout)["choices"][0]["finish_reason"] in ("stop", "length"), run.stdout
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+
+
 @pytest.mark.parametrize("index", range(len(blocks("python"))))
 def test_python_blocks(scratch, index):
     d, env = scratch

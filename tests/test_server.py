@@ -1,0 +1,180 @@
+"""The OpenAI-style HTTP server (codellama_ext/server.py). Oracle: the Python API's own results for the same
+requests (themselves tested against transformers in test_api.py), and OpenAI's response shapes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+
+from codellama_ext.server import make_server
+
+from test_api import COMPLETE, DIALOGS, INFILL, N, llm  # noqa: F401 (fixtures)
+from test_generation import folder, hf, spm_models  # noqa: F401  (the same module-scoped fixtures)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def url(llm):
+    server = make_server(llm, port=0, model_name="toy", log=False)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def post(url: str, path: str, body, raw: bytes | None = None) -> tuple[int, str]:
+    data = raw if raw is not None else json.dumps(body).encode()
+    req = urllib.request.Request(url + path, data, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def events(text: str) -> list:
+    """The server-sent events of a stream, [DONE] last."""
+    items = [line[len("data: "):] for line in text.split("\n\n") if line]
+    assert items[-1] == "[DONE]"
+    return [json.loads(x) for x in items[:-1]]
+
+
+def test_completions_equal_the_python_api(llm, url):
+    ids = [llm.tokenizer.encode_meta(p, True, False) for p in COMPLETE]
+    want = llm.generate(ids, max_new_tokens=N)
+    status, text = post(url, "/v1/completions", {"prompt": COMPLETE, "max_tokens": N, "temperature": 0})
+    assert status == 200
+    out = json.loads(text)
+    assert out["object"] == "text_completion" and out["model"] == "toy" and out["id"].startswith("cmpl-")
+    assert [c["index"] for c in out["choices"]] == [0, 1, 2, 3]
+    assert [c["text"] for c in out["choices"]] == llm.complete(COMPLETE, max_new_tokens=N)
+    assert [c["finish_reason"] for c in out["choices"]] == [r.finish_reason for r in want]
+    assert {c["finish_reason"] for c in out["choices"]} == {"stop", "length"}
+    assert out["usage"] == {"prompt_tokens": sum(map(len, ids)), "completion_tokens": sum(len(r.tokens) for r in want),
+                            "total_tokens": sum(map(len, ids)) + sum(len(r.tokens) for r in want)}
+
+
+def test_infilling_by_suffix_or_fill_me(llm, url):
+    pre, suf = INFILL[0]
+    want = llm.infill(pre, suf, max_new_tokens=N)
+    for body in ({"prompt": pre, "suffix": suf}, {"prompt": pre + "<FILL_ME>" + suf}):
+        status, text = post(url, "/v1/completions", {**body, "max_tokens": N, "temperature": 0})
+        assert status == 200 and json.loads(text)["choices"][0]["text"] == want
+
+
+def test_streams_concatenate_to_the_whole(llm, url):
+    status, text = post(url, "/v1/completions", {"prompt": COMPLETE[1], "max_tokens": N, "temperature": 0,
+                                                 "stream": True, "stop": ["by"]})
+    chunks = events(text)
+    assert status == 200 and len(chunks) > 2
+    assert "".join(c["choices"][0]["text"] for c in chunks) == llm.complete(COMPLETE[1], max_new_tokens=N, stop="by")
+    assert [c["choices"][0]["finish_reason"] for c in chunks][-2:] == [None, "stop"]
+    status, text = post(url, "/v1/chat/completions", {"messages": DIALOGS[1], "max_tokens": N, "temperature": 0,
+                                                      "stream": True})
+    chunks = events(text)
+    assert chunks[0]["object"] == "chat.completion.chunk" and chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == \
+        llm.chat(DIALOGS[1], max_new_tokens=N)
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_chat_and_sampling_fields(llm, url):
+    status, text = post(url, "/v1/chat/completions", {"messages": DIALOGS[0], "max_tokens": N, "temperature": 0})
+    out = json.loads(text)
+    assert status == 200 and out["object"] == "chat.completion"
+    assert out["choices"][0]["message"] == {"role": "assistant", "content": llm.chat(DIALOGS[0], max_new_tokens=N)}
+    # OpenAI's defaults: temperature 1 and top_p 1 (not SamplingParams' 0 and 0.9); our extensions pass through
+    status, text = post(url, "/v1/completions", {"prompt": COMPLETE[0], "max_tokens": N, "seed": 5, "top_k": 40,
+                                                 "repetition_penalty": 1.2})
+    assert json.loads(text)["choices"][0]["text"] == llm.complete(
+        COMPLETE[0], max_new_tokens=N, temperature=1.0, top_p=1.0, top_k=40, repetition_penalty=1.2, seed=5)
+    status, text = post(url, "/v1/completions", {"prompt": COMPLETE[0], "max_completion_tokens": 3,
+                                                 "temperature": 0, "prompt_lookup": 2})
+    assert json.loads(text)["choices"][0]["text"] == llm.complete(COMPLETE[0], max_new_tokens=3)
+
+
+@pytest.mark.parametrize("path,body,status,match", [
+    ("/v1/completions", {"prompt": "x", "n": 2}, 400, r"n=2 is not supported .*\(only 1\)"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 3}, 400, "logprobs=3 is not supported"),
+    ("/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, "temperature must be a number >= 0"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens must be an integer >= 1"),
+    ("/v1/completions", {"prompt": "x", "stream": "yes"}, 400, "stream must be a boolean"),
+    ("/v1/completions", {"prompt": [1, 2]}, 400, "prompt must be a string or a non-empty list of strings"),
+    ("/v1/completions", {"prompt": "x", "temperature": 0.5, "prompt_lookup": 2}, 400, "needs temperature 0"),
+    ("/v1/completions", {"prompt": "x " * 200}, 400, "the context window"),
+    ("/v1/chat/completions", {"messages": [{"role": "user"}]}, 400, "messages must be a non-empty list"),
+    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "role"),
+    ("/v1/embeddings", {}, 404, "no route POST /v1/embeddings"),
+])
+def test_errors_have_openai_shape(url, path, body, status, match):
+    got, text = post(url, path, body)
+    err = json.loads(text)["error"]
+    assert got == status and re.search(match, err["message"]) and set(err) == {"message", "type", "param", "code"}
+
+
+def test_bad_bodies_and_get_routes(url):
+    for raw, match in ((b"{not json", "not JSON"), (b"[1]", "must be a JSON object")):
+        status, text = post(url, "/v1/completions", None, raw=raw)
+        assert status == 400 and match in json.loads(text)["error"]["message"]
+    with urllib.request.urlopen(url + "/v1/models", timeout=10) as r:
+        assert json.loads(r.read())["data"][0]["id"] == "toy"
+    with urllib.request.urlopen(url + "/health", timeout=10) as r:
+        assert json.loads(r.read()) == {"status": "ok"}
+
+
+def test_concurrent_requests_equal_serial_ones(llm, url):
+    bodies = [{"prompt": p, "max_tokens": N, "temperature": 0, "stream": i % 2 == 1} for i, p in enumerate(COMPLETE)]
+    bodies += [{"messages": d, "max_tokens": N, "temperature": 0} for d in DIALOGS]
+    paths = ["/v1/completions"] * len(COMPLETE) + ["/v1/chat/completions"] * len(DIALOGS)
+    serial = [post(url, path, body)[1] for path, body in zip(paths, bodies)]
+    got = [None] * len(bodies)
+    threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, post(url, paths[i], bodies[i])[1]))
+               for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+
+    def content(text):  # ids and timestamps differ between calls
+        items = events(text) if text.startswith("data: ") else [json.loads(text)]
+        return [item["choices"] for item in items]
+    assert [content(x) for x in got] == [content(x) for x in serial]
+
+
+def test_a_client_that_goes_away_ends_its_row(llm, url):
+    host, port = url[len("http://"):].split(":")
+    body = json.dumps({"prompt": COMPLETE[2], "max_tokens": 100, "temperature": 0, "stream": True}).encode()
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        assert s.recv(4096).startswith(b"HTTP/1.0 200")
+    status, text = post(url, "/v1/completions", {"prompt": COMPLETE[0], "max_tokens": N, "temperature": 0})
+    assert json.loads(text)["choices"][0]["text"] == llm.complete(COMPLETE[0], max_new_tokens=N)
+
+
+def test_serve_command(folder):
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-m", "codellama_ext.cli", "serve", "--model", str(folder), "--port",
+                             "0", "--device", "cpu", "--dtype", "float32", "--max-seq-len", "64", "--quiet",
+                             "--name", "toy-cli"], stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:
+        line = proc.stderr.readline()
+        m = re.search(r"serving toy-cli on (http://[\d.]+:\d+)", line)
+        assert m, line
+        status, text = post(m.group(1), "/v1/completions", {"prompt": COMPLETE[0], "max_tokens": 4, "temperature": 0})
+        assert status == 200 and json.loads(text)["model"] == "toy-cli"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=30)[1]
+    assert proc.returncode == 130 and "interrupted" in rest
