@@ -527,7 +527,7 @@ def _run_bench(ns) -> int:
     return 0
 
 
-# ---- entry point ----
+# ---- serve ----
 def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="an HTTP server with OpenAI's completions and chat-completions API",
                        description="Serves the model over HTTP: POST /v1/completions (with 'suffix' or <FILL_ME>: "
@@ -558,6 +558,7 @@ def _run_serve(ns) -> int:
     return 0
 
 
+# ---- entry point ----
 _COMMANDS: list[Callable] = [_add_convert, _add_memory, _add_complete, _add_infill, _add_chat, _add_bench,
                              _add_serve]
 
