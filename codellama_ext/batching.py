@@ -8,8 +8,9 @@ resumed from any thread, one at a time), and hands each step's tokens to the cal
 caller drives its own generation on its own thread, as without batching.
 
 A call cannot join a run of another kind (drafting with prompt_lookup or not, another Engine over the same model,
-another vocabulary limit); it waits until that run ends, and while it waits the run takes no new calls, so it
-cannot be starved. A call that ends early (a stop string, a closed or abandoned stream) has its rows finished
+another vocabulary limit); it waits until that run ends, and while it waits the run takes no new calls and no
+call that came after it starts the next run, so it cannot be starved. A call that ends early (a stop string, a
+closed or abandoned stream) has its rows finished
 before the next step. An exception while stepping (KeyboardInterrupt, out of memory) ends the run: the thread that
 stepped gets it, and the other calls in the run a RuntimeError that names it.
 """
@@ -32,6 +33,7 @@ class Call:
 
     def __init__(self, batcher: "Batcher", run: Run, rows: list[int]):
         self._batcher, self._run, self._rows = batcher, run, rows
+        self._results = [run.result(r) for r in rows]  # the run forgets them once they have ended
         self._index = {r: i for i, r in enumerate(rows)}
         self._inbox: list[tuple[int, int]] = []
         self._open = True  # some row of the call is still generating
@@ -42,7 +44,7 @@ class Call:
     @property
     def results(self) -> list[GenerationResult]:
         """The outcome of each of the call's prompts (complete once iteration has ended)."""
-        return [self._run.results[r] for r in self._rows]
+        return self._results
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         return self._steps
@@ -91,45 +93,51 @@ class Batcher:
         self._calls: list[Call] = []  # the calls with rows in the run
         self._owner: dict[int, Call] = {}  # run row -> its call
         self._driving = False  # a thread is stepping the run (with the condition released)
-        self._waiting = 0  # calls waiting for the run to end: it takes no new calls meanwhile
+        # Calls in submit, in arrival order, as (kind, token): a call may start or join a run only when every call
+        # ahead of it is of its kind, so a call of another kind gets the next run (the run it waits for takes no
+        # new calls meanwhile) and cannot be starved.
+        self._line: list[tuple] = []
         self._joins: list[_Join] = []  # calls that arrived during a step, for the next step to add
 
     def submit(self, engine: Engine, prompts: Sequence[Sequence[int]], params: SamplingParams,
                stop_ids: Sequence[int], logprobs: bool = False, vocab: int | None = None) -> Call:
         """Adds a call's prompts to the run in progress (at its next step when a step is running), or starts one.
         Bad prompts raise here (ValueError)."""
+        if vocab is not None and vocab >= engine.model.args.vocab_size:
+            vocab = None  # no limit (as Run reads it): such calls share runs with generate()'s
         kind = (engine, vocab, params.prompt_lookup > 0)
         prompts = engine.check_prompts(prompts)  # here: Run.add, run by another thread's step, must not fail
+        me = (kind, object())
         with self._cond:
-            while True:
-                if self._run is None:
-                    run = engine.run(prompts, params, stop_ids, logprobs, vocab)
-                    self._run, self._kind, self._calls, self._owner = run, kind, [], {}
-                    return self._join(run, list(range(len(run.prompts))))
-                if self._kind == kind and not self._waiting:
-                    if not self._driving:
+            self._line.append(me)
+            try:
+                while True:
+                    first = all(k == kind for k, _ in self._line[:self._line.index(me)])
+                    if first and self._run is None:
+                        run = engine.run(prompts, params, stop_ids, logprobs, vocab)
+                        self._run, self._kind, self._calls, self._owner = run, kind, [], {}
+                        return self._join(run, list(range(len(prompts))))
+                    if first and self._kind == kind and not self._driving:
                         return self._join(self._run, self._run.add(prompts, params, stop_ids, logprobs))
-                    # A step is running: the next step takes the call in (its stepper may well be the thread
-                    # stepping now, which would otherwise take the condition back before this one wakes).
-                    join = _Join(prompts, params, stop_ids, logprobs)
-                    self._joins.append(join)
-                    run = self._run
-                    while join.call is None and self._run is run and self._driving:
-                        self._cond.wait()
-                    if join.call is not None:
-                        return join.call
-                    self._joins.remove(join)  # the run ended, or no step has started since: try again
-                    continue
-                blocking = self._run  # another kind: wait for the run to end, stepping it when no one is
-                self._waiting += 1
-                try:
-                    while self._run is blocking:
-                        if self._driving:
+                    if first and self._kind == kind:
+                        # A step is running: the next step takes the call in (its stepper may well be the thread
+                        # stepping now, which would otherwise take the condition back before this one wakes).
+                        join = _Join(prompts, params, stop_ids, logprobs)
+                        self._joins.append(join)
+                        run = self._run
+                        while join.call is None and self._run is run and self._driving:
                             self._cond.wait()
-                        else:
-                            self._step()
-                finally:
-                    self._waiting -= 1
+                        if join.call is not None:
+                            return join.call
+                        if join in self._joins:  # no step has started since (a run that ended drops its joins)
+                            self._joins.remove(join)
+                    elif self._run is not None and not self._driving:
+                        self._step()  # a run this call cannot join yet: step it towards its end
+                    else:
+                        self._cond.wait()
+            finally:
+                self._line.remove(me)
+                self._cond.notify_all()  # the calls behind it may go now
 
     def _join(self, run: Run, rows: list[int]) -> Call:
         call = Call(self, run, rows)
@@ -166,9 +174,15 @@ class Batcher:
                 call._error = error
             if ended or all(run.done(r) for r in call._rows):
                 call._open = False
-        self._calls = [c for c in self._calls if c._open]
+                if not ended:  # the call holds its results: the run and this map forget its rows
+                    run.release(call._rows)
+                    for r in call._rows:
+                        self._owner.pop(r, None)
+        # A call closed during this step keeps its place until the next step has finished its rows.
+        self._calls = [c for c in self._calls if c._open or c._ending]
         if ended:
             self._run = None
+            self._joins.clear()  # calls waiting for the next step of this run: they start or join the next one
         self._cond.notify_all()
         if error is not None:
             raise error

@@ -331,7 +331,8 @@ class Run:
     yields, after each step, the (row, token id) pairs that step appended; `finish(row)` (between steps) ends a
     row early. `results` holds the outcome per row. Closing the iterator early (or dropping it) leaves the engine
     usable: the slots' records cover only completed writes. A run either drafts (every row has prompt_lookup,
-    greedy) or not: its first prompts decide."""
+    greedy) or not: its first prompts decide. Per-row state is kept by row number; `release(rows)` lets a run that
+    keeps taking prompts (a busy service's) forget ended rows, so it does not grow without bound."""
 
     def __init__(self, engine: Engine, prompts: list[list[int]], params: SamplingParams, stop_ids: frozenset,
                  logprobs: bool, vocab: int | None = None):
@@ -339,15 +340,17 @@ class Run:
         self.lookup = params.prompt_lookup > 0
         model_vocab = engine.model.args.vocab_size
         self._vocab = None if vocab is None or vocab >= model_vocab else vocab
-        self.prompts: list[list[int]] = []
-        self.results: list[GenerationResult] = []
-        self._done: list[bool] = []
-        self._params: list[SamplingParams] = []
-        self._stop_ids: list[frozenset] = []
-        self._budget: list[int] = []
-        self._generator: list[torch.Generator | None] = []  # seeded rows: one per add, drawn from at every step
-        self._lookup_misses: list[int] = []
-        self._lookup_wait: list[int] = []
+        self._rows = 0  # rows ever added: the next row number
+        self.prompts: dict[int, list[int]] = {}
+        self._results: dict[int, GenerationResult] = {}
+        self._done: dict[int, bool] = {}
+        self._params: dict[int, SamplingParams] = {}
+        self._stop_ids: dict[int, frozenset] = {}
+        self._budget: dict[int, int] = {}
+        self._generator: dict[int, torch.Generator | None] = {}  # seeded rows: their own, drawn from every step
+        self._lookup_misses: dict[int, int] = {}
+        self._lookup_wait: dict[int, int] = {}
+        self._released: set[int] = set()  # rows to forget once they have left the batch
         self._ngrams: dict[int, tuple[dict, int]] = {}  # row -> (n-gram -> latest start, positions indexed)
         self._queue: list[int] = []  # rows waiting for a cache slot, first first
         self.finished = False  # the generator has returned: add() would queue rows nothing runs
@@ -362,24 +365,39 @@ class Run:
         if (params.prompt_lookup > 0) != self.lookup:
             raise ValueError("rows with and without prompt_lookup cannot share a run")
         prompts = self.engine.check_prompts(prompts)
-        generator = None
-        if not params.greedy and params.seed is not None:
-            generator = torch.Generator(device=self.engine.model.device)
-            generator.manual_seed(params.seed)
-        rows = list(range(len(self.prompts), len(self.prompts) + len(prompts)))
+        rows = list(range(self._rows, self._rows + len(prompts)))
+        self._rows += len(prompts)
         window = self.engine.model.max_seq_len
-        for ids in prompts:
-            self.prompts.append(ids)
-            self.results.append(GenerationResult(logprobs=[] if logprobs else None))
-            self._done.append(False)
-            self._params.append(params)
-            self._stop_ids.append(frozenset(stop_ids))
-            self._budget.append(min(params.max_new_tokens, window - len(ids)))
-            self._generator.append(generator)
-            self._lookup_misses.append(0)
-            self._lookup_wait.append(0)
+        for i, (r, ids) in enumerate(zip(rows, prompts)):
+            generator = None
+            if not params.greedy and params.seed is not None:
+                # One generator per prompt (the first seeded with the seed itself): a prompt's numbers do not
+                # depend on when its row gets a slot, which depends on what else shares the run.
+                generator = torch.Generator(device=self.engine.model.device)
+                generator.manual_seed((params.seed + i * 0x9E3779B97F4A7C15) % 2 ** 64)
+            self.prompts[r] = ids
+            self._results[r] = GenerationResult(logprobs=[] if logprobs else None)
+            self._done[r] = False
+            self._params[r] = params
+            self._stop_ids[r] = frozenset(stop_ids)
+            self._budget[r] = min(params.max_new_tokens, window - len(ids))
+            self._generator[r] = generator
+            self._lookup_misses[r] = 0
+            self._lookup_wait[r] = 0
         self._queue += rows
         return rows
+
+    @property
+    def results(self) -> list[GenerationResult]:
+        """The outcome of each row, in row order (released rows left out)."""
+        return list(self._results.values())
+
+    def result(self, row: int) -> GenerationResult:
+        return self._results[row]
+
+    def release(self, rows: Sequence[int]) -> None:
+        """The caller holds these ended rows' results (result): the run forgets them once they leave the batch."""
+        self._released.update(rows)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         return self._steps
@@ -388,14 +406,14 @@ class Run:
         self._steps.close()
 
     def done(self, row: int) -> bool:
-        """Whether `row` has ended (a stop id, its budget, or finish)."""
-        return self._done[row]
+        """Whether `row` has ended (a stop id, its budget, or finish; a forgotten row has)."""
+        return self._done.get(row, True)
 
     def finish(self, row: int, reason: str = "stop") -> None:
         """Ends `row` (its slot is freed at the next step); reason becomes its finish_reason."""
-        if not self._done[row]:
+        if not self._done.get(row, True):
             self._done[row] = True
-            self.results[row].finish_reason = reason
+            self._results[row].finish_reason = reason
 
     @torch.inference_mode()
     def _admit(self, rows: list[int], free: list[int]) -> tuple[list[int], tuple[torch.Tensor, ...]]:
@@ -406,7 +424,7 @@ class Run:
         dev = model.device
         logits, slots, starts = self.engine.admit([self.prompts[r] for r in rows], free)
         for r, st in zip(rows, starts):
-            self.results[r].cached_tokens = st
+            self._results[r].cached_tokens = st
         lens = [len(self.prompts[r]) for r in rows]
         seen = None
         if not self.lookup:
@@ -432,7 +450,7 @@ class Run:
                 torch.tensor([p.top_p for p in ps], dtype=torch.float32, device=dev))
 
     def _uniforms(self, rows: list[int]) -> torch.Tensor:
-        """One uniform number per row, each seeded row's from its own add's generator (so a seeded call draws
+        """One uniform number per row, each seeded row's from its own generator (so a seeded call draws
         the same numbers whatever else shares the run), the others' from torch's default generator."""
         dev = self.engine.model.device
         groups: dict[int, tuple[torch.Generator | None, list[int]]] = {}
@@ -467,7 +485,7 @@ class Run:
                 tok = torch.where(greedy, ops.argmax(logits), tok)
         if seen is not None:
             seen[torch.arange(len(rows), device=seen.device), tok] = True
-        if not any(self.results[r].logprobs is not None for r in rows):
+        if not any(self._results[r].logprobs is not None for r in rows):
             return tok, None
         return tok, torch.log_softmax(raw, dim=-1).gather(1, tok[:, None])[:, 0]
 
@@ -475,7 +493,7 @@ class Run:
         """Prompt lookup for row r, whose last token is about to be fed at position `at`: what followed the latest
         earlier occurrence of its last 3 (else 2, else 1) tokens, capped so that the verified tokens stay within
         the row's budget and the context window."""
-        res = self.results[r]
+        res = self._results[r]
         k = min(self._params[r].prompt_lookup, self._budget[r] - len(res.tokens) - 1,
                 self.engine.model.max_seq_len - 1 - at)
         if k <= 0:
@@ -500,13 +518,13 @@ class Run:
         in the cache. Rows with a draft feed their last token and the draft, the others their last token, in one
         packed forward (a plain decode step when no row drafts); each row gets the greedy tokens up to and
         including the first that differs from its draft: those plain greedy decoding would pick."""
-        ats = [len(self.prompts[r]) + len(self.results[r].tokens) - 1 for r in rows]
+        ats = [len(self.prompts[r]) + len(self._results[r].tokens) - 1 for r in rows]
         drafts = []
         for r, at in zip(rows, ats):
             drafts.append(self._draft(r, at) if not self._lookup_wait[r] else [])
             self._lookup_wait[r] = max(self._lookup_wait[r] - 1, 0)
         slots = [slot_of[r] for r in rows]
-        fed = [[self.results[r].tokens[-1]] + d for r, d in zip(rows, drafts)]
+        fed = [[self._results[r].tokens[-1]] + d for r, d in zip(rows, drafts)]
         dev = self.engine.model.device
         if not any(drafts):
             pads = self.engine.padding_slots(free)
@@ -529,7 +547,7 @@ class Run:
             if not d:
                 continue
             self.engine.hold(s, at, f[:m + 1])  # the later positions hold rejected draft tokens
-            self.results[r].accepted_drafts += m
+            self._results[r].accepted_drafts += m
             # A rejected draft cost a wider forward for one token: after each in a row, draft again only after
             # 1, 3, 7, then 15 plain steps (text that does not repeat itself then costs little).
             self._lookup_misses[r] = 0 if m else self._lookup_misses[r] + 1
@@ -561,6 +579,17 @@ class Run:
             slot = torch.empty(0, dtype=torch.int32, device=dev)
             seen = None if self.lookup else torch.empty(0, model.args.vocab_size, dtype=torch.bool, device=dev)
         while True:
+            queue[:] = [r for r in queue if not self._done[r]]  # finished while queued (a closed call): no prefill
+            if self._released:  # forget released rows that have left the batch
+                gone = self._released.difference(live, queue)
+                for r in gone:
+                    for d in (self.prompts, self._results, self._done, self._params, self._stop_ids, self._budget,
+                              self._generator, self._lookup_misses, self._lookup_wait, self._ngrams, slot_of,
+                              pending):
+                        d.pop(r, None)
+                self._released -= gone
+            if not live and not queue:
+                return
             if queue and free:
                 new = queue[:len(free)]
                 del queue[:len(free)]
@@ -585,7 +614,7 @@ class Run:
                 lps = lp.tolist() if lp is not None else None
             step = []
             for j, r in enumerate(live):
-                res = self.results[r]
+                res = self._results[r]
                 if ids[j] in self._stop_ids[r]:
                     self.finish(r, "stop")
                     continue

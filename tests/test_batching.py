@@ -162,3 +162,119 @@ def test_sampling_params_bundle_is_per_call(llm):
     assert llm.complete(COMPLETE[0], params=cold) == alone
     s.close()
     assert not torch.is_inference_mode_enabled()  # a step resumed on this thread leaves no mode behind
+
+
+def test_a_stream_closed_during_another_threads_step_ends_its_row(llm, expected_complete, monkeypatch):
+    """A call closed while someone else is stepping has its rows finished at the next step (was: the step dropped
+    the closed call before its rows were ended, and they ran to their budget)."""
+    want = llm.complete(COMPLETE[1], max_new_tokens=3)
+    s = llm.stream(COMPLETE[2], max_new_tokens=100)
+    next(s)
+    run, real = llm._batcher._run, llm.model.decode_step
+
+    def close_during_step(*args):
+        monkeypatch.setattr(llm.model, "decode_step", real)
+        s.close()  # as another thread would, while this one steps
+        return real(*args)
+    monkeypatch.setattr(llm.model, "decode_step", close_during_step)
+    assert llm.complete(COMPLETE[1], max_new_tokens=3) == want
+    assert all(run.done(r) for r in range(run._rows))  # the stream's row too: no steps left to take
+
+
+def test_a_call_waiting_to_join_an_ended_run_is_not_added_to_the_next(llm, expected_complete, monkeypatch):
+    """A call that arrived during a run's last step retries once the run is over: the next run, of another kind,
+    must not take it in (was: its step added the plain call to the prompt_lookup run: ValueError)."""
+    from codellama_ext.generation import Run
+    batcher, box, real_iter = llm._batcher, {}, Run.__iter__
+
+    def last_step(run):
+        if not run.lookup and all(run.done(r) for r in range(run._rows)) and "t" not in box:
+            box["t"] = t = threading.Thread(target=lambda: box.update(text=llm.complete(COMPLETE[1],
+                                                                                      max_new_tokens=N)))
+            t.start()
+            for _ in range(1000):  # until it waits to join (the condition is free during a step)
+                if batcher._joins:
+                    break
+                t.join(0.01)
+            batcher._cond.acquire()  # keep the joiner asleep until this thread has started the next run
+        return real_iter(run)
+    lookup = llm.complete(COMPLETE[3], max_new_tokens=N, prompt_lookup=4)
+    monkeypatch.setattr(Run, "__iter__", last_step)
+    s = llm.stream(COMPLETE[2], max_new_tokens=N, stop=expected_complete[2][2:4])  # stops: the step after ends the run
+    try:
+        "".join(s)
+        monkeypatch.setattr(Run, "__iter__", real_iter)
+        assert llm.complete(COMPLETE[3], max_new_tokens=N, prompt_lookup=4) == lookup
+    finally:
+        if "t" in box:
+            batcher._cond.release()
+    box["t"].join(30)
+    assert box["text"] == expected_complete[1]
+
+
+def test_a_call_of_another_kind_gets_the_next_run(llm):
+    """Calls of another kind are served in arrival order: once the run they wait for ends, no call that arrived
+    after them starts the next one (was: whichever thread took the condition first started its run, and a
+    prompt_lookup call among threads making plain calls waited for up to 17 runs)."""
+    from codellama_ext.generation import Engine
+    runs, real_run = [], Engine.run
+    stop = threading.Event()
+
+    def plain(i):
+        while not stop.is_set():
+            llm.complete(COMPLETE[i % 4], max_new_tokens=6)
+
+    def counting_run(engine, prompts, params, *args):
+        runs.append(params.prompt_lookup)
+        return real_run(engine, prompts, params, *args)
+    Engine.run = counting_run
+    threads = [threading.Thread(target=plain, args=(i,)) for i in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        for _ in range(8):
+            while not runs:
+                threading.Event().wait(0.01)
+            n = len(runs)
+            llm.complete(COMPLETE[3], max_new_tokens=2, prompt_lookup=2)
+            # the run it waited for, then at most one plain run started before it arrived: then its own
+            assert [lk for lk in runs[n:] if lk][:1] == [2] and runs[n:].index(2) <= 1
+    finally:
+        stop.set()
+        Engine.run = real_run
+        for t in threads:
+            t.join(60)
+    assert not any(t.is_alive() for t in threads)
+
+
+def test_seeded_prompts_of_one_call_do_not_depend_on_their_slots(llm):
+    """Each prompt of a seeded call draws from its own generator: the call gives the same texts alone, beside
+    another call (its prompts then get slots at different steps) and with more prompts than slots (was: one
+    generator per call, drawn from by whichever rows were live)."""
+    prompts = [COMPLETE[0], COMPLETE[1], COMPLETE[3], COMPLETE[0]]  # four prompts over three slots
+    sp = SamplingParams(max_new_tokens=N, temperature=1.0, seed=7)
+    alone = llm.complete(prompts, params=sp)
+    assert alone[0] != alone[3]  # the same prompt twice: other numbers
+    assert [llm.complete(p, params=sp) for p in prompts][0] == alone[0]
+    s = llm.stream(COMPLETE[2], max_new_tokens=4)
+    next(s)
+    assert llm.complete(prompts, params=sp) == alone
+    s.close()
+
+
+def test_a_run_that_keeps_taking_calls_forgets_ended_rows(llm):
+    """A busy service's run never ends: the rows of ended calls are dropped (was: every prompt, result, sampling
+    parameter and generator since the run began stayed in it, and every call in the batcher's row map)."""
+    tok = llm.tokenizer
+    ids = [tok.encode_meta(COMPLETE[0], True, False)]
+    want = llm.complete(COMPLETE[1], max_new_tokens=2), llm.generate(ids, max_new_tokens=2, logprobs=True)[0].tokens
+    long = "".join(llm.stream(COMPLETE[2], max_new_tokens=100))
+    s = llm.stream(COMPLETE[2], max_new_tokens=100)  # keeps the run going while the calls come and go
+    first = next(s)
+    run, batcher = llm._batcher._run, llm._batcher
+    for _ in range(12):
+        assert (llm.complete(COMPLETE[1], max_new_tokens=2),
+                llm.generate(ids, max_new_tokens=2, logprobs=True)[0].tokens) == want
+    assert batcher._run is run
+    assert len(run._results) <= 3 and len(batcher._owner) <= 3
+    assert first + "".join(s) == long
