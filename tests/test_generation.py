@@ -429,8 +429,11 @@ def test_prompt_lookup_keeps_prefix_records_exact(folder, hf):
 
 def test_prompt_lookup_drafts_for_several_rows_at_once(folder):
     """Rows whose drafts are right at the same steps verify them in one packed forward: a batch takes as few
-    forwards as one of its rows alone, and fewer than plain decoding."""
+    forwards as one of its rows alone, and fewer than plain decoding (the GPU's way: drafts_per_forward None).
+    On the CPU by default one row drafts per forward, the rows taking turns: the same tokens."""
     engine = Engine(load_model(folder, dtype=torch.float32, max_seq_len=96, max_batch_size=3), prefix_cache=False)
+    assert engine.drafts_per_forward == 1
+    engine.drafts_per_forward = None
     p = random_prompts(3)[2]  # its greedy output repeats itself: drafts are accepted
     sp = SamplingParams(max_new_tokens=N_NEW, prompt_lookup=6)
 
@@ -445,6 +448,10 @@ def test_prompt_lookup_drafts_for_several_rows_at_once(folder):
     assert [r.tokens for r in batch] == [r.tokens for r in plain] == [alone[0].tokens] * 3
     assert all(r.accepted_drafts == alone[0].accepted_drafts > 0 for r in batch)
     assert n_batch == n_alone < n_plain == N_NEW - 1
+    engine.drafts_per_forward = 1
+    turns, n_turns = forwards([p, p, p], sp)
+    assert [r.tokens for r in turns] == [r.tokens for r in plain]
+    assert all(r.accepted_drafts > 0 for r in turns) and n_batch < n_turns < n_plain
 
 
 def test_prompt_lookup_refused_with_sampling():
