@@ -10,9 +10,10 @@ caller drives its own generation on its own thread, as without batching.
 A call cannot join a run of another kind (drafting with prompt_lookup or not, another Engine over the same model,
 another vocabulary limit); it waits until that run ends, and while it waits the run takes no new calls and no
 call that came after it starts the next run, so it cannot be starved. A call that ends early (a stop string, a
-closed or abandoned stream) has its rows finished
-before the next step. An exception while stepping (KeyboardInterrupt, out of memory) ends the run: the thread that
-stepped gets it, and the other calls in the run a RuntimeError that names it.
+closed or abandoned stream) has its rows finished before the next step. An exception while stepping
+(KeyboardInterrupt, out of memory) ends the run: the thread that stepped gets it, and the other calls in the run a
+RuntimeError that names it. A call may be iterated by one thread after another, not by two at once (a Python
+generator then raises ValueError: generator already executing).
 """
 
 from __future__ import annotations
