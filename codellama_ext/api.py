@@ -14,8 +14,9 @@ while another is generating joins it, and their rows decode in the same steps, e
 parameters, so N concurrent requests cost about one batch of N. Each result equals the same call made alone
 (greedy, and seeded sampling: a seed draws from its own generator). A stream's tokens are computed whenever any
 caller steps the generation; closing or dropping a stream ends its rows. A thread may call the model while it
-holds an unfinished stream (the call steps the stream's row too). Calls of another kind (prompt_lookup, or another
-CodeLlama over the same model) wait for the generation in progress to end.
+holds an unfinished stream (the call steps the stream's row too). A prompt_lookup call joining a generation without
+drafts decodes plainly (the same text); calls that cannot join (sampling while prompt_lookup calls draft, another
+CodeLlama over the same model) wait for the generation in progress to end, and are served in arrival order.
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@ thread: a caller that waits for tokens while no one is stepping the run steps it
 resumed from any thread, one at a time), and hands each step's tokens to the calls they belong to. So a single
 caller drives its own generation on its own thread, as without batching.
 
-A call cannot join a run of another kind (drafting with prompt_lookup or not, another Engine over the same model,
-another vocabulary limit); it waits until that run ends, and while it waits the run takes no new calls and no
+A call cannot join a run of another kind (another Engine over the same model, another vocabulary limit, or a
+drafting run, for a call that samples or has a repetition penalty; a prompt_lookup call joins a plain run and
+decodes plainly, to the same tokens); it waits until that run ends, and while it waits the run takes no new calls and no
 call that came after it starts the next run, so it cannot be starved. A call that ends early (a stop string, a
 closed or abandoned stream) has its rows finished before the next step. An exception while stepping
 (KeyboardInterrupt, out of memory) ends the run: the thread that stepped gets it, and the other calls in the run a
@@ -106,7 +107,9 @@ class Batcher:
         Bad prompts raise here (ValueError)."""
         if vocab is not None and vocab >= engine.model.args.vocab_size:
             vocab = None  # no limit (as Run reads it): such calls share runs with generate()'s
-        kind = (engine, vocab, params.prompt_lookup > 0)
+        # (engine, vocab limit, drafts, may be in a drafting run): a run takes calls of its engine and vocab limit,
+        # a drafting run only those that may be in one
+        kind = (engine, vocab, params.prompt_lookup > 0, params.checks_drafts)
         prompts = engine.check_prompts(prompts)  # here: Run.add, run by another thread's step, must not fail
         me = (kind, object())
         with self._cond:
@@ -118,9 +121,11 @@ class Batcher:
                         run = engine.run(prompts, params, stop_ids, logprobs, vocab)
                         self._run, self._kind, self._calls, self._owner = run, kind, [], {}
                         return self._join(run, list(range(len(prompts))))
-                    if first and self._kind == kind and not self._driving:
+                    fits = self._run is not None and self._kind[:2] == kind[:2] and (
+                        kind[3] or not self._run.lookup)
+                    if first and fits and not self._driving:
                         return self._join(self._run, self._run.add(prompts, params, stop_ids, logprobs))
-                    if first and self._kind == kind:
+                    if first and fits:
                         # A step is running: the next step takes the call in (its stepper may well be the thread
                         # stepping now, which would otherwise take the condition back before this one wakes).
                         join = _Join(prompts, params, stop_ids, logprobs)

@@ -92,13 +92,18 @@ class SamplingParams:
             raise ValueError(f"seed must be an integer in [-2**63, 2**64) or None, got {self.seed!r}")
         if isinstance(self.prompt_lookup, bool) or not isinstance(self.prompt_lookup, int) or self.prompt_lookup < 0:
             raise ValueError(f"prompt_lookup must be an integer >= 0 (0 = off), got {self.prompt_lookup!r}")
-        if self.prompt_lookup and not (self.greedy and self.repetition_penalty == 1):
+        if self.prompt_lookup and not self.checks_drafts:
             raise ValueError("prompt_lookup drafts are checked against greedy choices: it needs temperature 0 and "
                              "no repetition_penalty")
 
     @property
     def greedy(self) -> bool:
         return self.temperature < _MIN_SAMPLING_TEMPERATURE
+
+    @property
+    def checks_drafts(self) -> bool:
+        """Whether rows with these parameters can be in a drafting run: greedy, no repetition penalty."""
+        return self.greedy and self.repetition_penalty == 1
 
 
 def _shared_prefix(a: list[int], b: list[int]) -> int:
@@ -334,8 +339,9 @@ class Run:
     sampling parameters, stop ids and logprobs wish: the text API batches concurrent calls this way). Iterating
     yields, after each step, the (row, token id) pairs that step appended; `finish(row)` (between steps) ends a
     row early. `results` holds the outcome per row. Closing the iterator early (or dropping it) leaves the engine
-    usable: the slots' records cover only completed writes. A run either drafts (every row has prompt_lookup,
-    greedy) or not: its first prompts decide. Per-row state is kept by row number; `release(rows)` lets a run that
+    usable: the slots' records cover only completed writes. A run either drafts or not: its first prompts decide. A
+    drafting run takes greedy rows without a penalty only (rows without prompt_lookup never draft); a plain run
+    takes any rows, and decodes rows with prompt_lookup plainly (the same tokens). Per-row state is kept by row number; `release(rows)` lets a run that
     keeps taking prompts (a busy service's) forget ended rows, so it does not grow without bound."""
 
     def __init__(self, engine: Engine, prompts: list[list[int]], params: SamplingParams, stop_ids: frozenset,
@@ -367,8 +373,8 @@ class Run:
         """Queues prompts (checked as Engine.check_prompts does) -> their row numbers. Between steps only."""
         if self.finished:
             raise RuntimeError("this run has finished: start a new one")
-        if (params.prompt_lookup > 0) != self.lookup:
-            raise ValueError("rows with and without prompt_lookup cannot share a run")
+        if self.lookup and not params.checks_drafts:
+            raise ValueError("a drafting run (prompt_lookup) takes only greedy rows without a repetition penalty")
         prompts = self.engine.check_prompts(prompts)
         rows = list(range(self._rows, self._rows + len(prompts)))
         self._rows += len(prompts)

@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from codellama_ext import SamplingParams
+from codellama_ext import CodeLlama, SamplingParams
 
 from test_api import COMPLETE, DIALOGS, INFILL, N, expected_complete, llm, ref_complete  # noqa: F401 (fixtures)
 from test_generation import folder, hf, spm_models  # noqa: F401  (the same module-scoped fixtures)
@@ -108,14 +108,25 @@ def test_concurrent_threads_equal_their_calls_alone(llm, expected_complete):
     assert results == {name: [want] * 2 for name, want in alone.items()}
 
 
-def test_a_call_of_another_kind_waits_for_the_run(llm, expected_complete):
-    """prompt_lookup rows cannot share a plain run: the call steps the run to its end (the stream's text goes to
-    the stream), then runs alone."""
+def test_drafting_and_plain_calls_share_runs_where_they_can(llm, expected_complete):
+    """A prompt_lookup call joins a plain run (decoding plainly: the same text); a greedy call joins a drafting
+    run; a sampling call cannot be in a drafting run: it steps that run to its end (the stream's text goes to the
+    stream), then runs."""
     plain = llm.complete(COMPLETE[3], max_new_tokens=N)
-    s = llm.stream(COMPLETE[2], max_new_tokens=N)
-    first = next(s)
-    assert llm.complete(COMPLETE[3], max_new_tokens=N, prompt_lookup=4) == plain
-    assert first + "".join(s) == expected_complete[2]
+    sampled = llm.complete(COMPLETE[1], max_new_tokens=N, temperature=0.8, seed=2)
+    for stream_kw, call_kw, want in ((dict(), dict(prompt_lookup=4), plain),
+                                     (dict(prompt_lookup=4), dict(), plain),
+                                     (dict(prompt_lookup=4), dict(temperature=0.8, seed=2), sampled)):
+        s = llm.stream(COMPLETE[2], max_new_tokens=N, **stream_kw)
+        first = next(s)
+        w = forwards(llm)
+        prompt = COMPLETE[1] if "seed" in call_kw else COMPLETE[3]
+        assert llm.complete(prompt, max_new_tokens=N, **call_kw) == want
+        shared = forwards(llm) - w
+        rest = "".join(s)
+        assert first + rest == expected_complete[2]
+        if "seed" in call_kw:  # the stream's row ran to its end first: nothing left for it to compute
+            assert forwards(llm) - w == shared
 
 
 def test_closed_and_abandoned_calls_end_their_rows(llm, expected_complete):
@@ -127,9 +138,10 @@ def test_closed_and_abandoned_calls_end_their_rows(llm, expected_complete):
     next(t)
     del t  # garbage: its row ends before the next step
     w = forwards(llm)
-    # another kind of call steps the run to its end first: the ended rows take no more forwards (N each if not)
-    assert llm.complete(COMPLETE[1], max_new_tokens=3, prompt_lookup=2) == plain
-    assert forwards(llm) - w <= 3  # its own prefill and at most two steps
+    # a call through another engine steps the run to its end first: the ended rows take no more forwards (N each
+    # if not), then its own prefill and at most two steps
+    assert CodeLlama(llm.model, llm.tokenizer).complete(COMPLETE[1], max_new_tokens=3) == plain
+    assert forwards(llm) - w <= 3
     assert llm.complete(COMPLETE[0], max_new_tokens=N) == expected_complete[0]
 
 
@@ -183,14 +195,15 @@ def test_a_stream_closed_during_another_threads_step_ends_its_row(llm, expected_
 
 def test_a_call_waiting_to_join_an_ended_run_is_not_added_to_the_next(llm, expected_complete, monkeypatch):
     """A call that arrived during a run's last step retries once the run is over: the next run, of another kind,
-    must not take it in (was: its step added the plain call to the prompt_lookup run: ValueError)."""
+    must not take it in (was: its step added the sampling call to the prompt_lookup run: ValueError)."""
     from codellama_ext.generation import Run
     batcher, box, real_iter = llm._batcher, {}, Run.__iter__
+    sampled = llm.complete(COMPLETE[1], max_new_tokens=N, temperature=0.8, seed=4)
 
     def last_step(run):
         if not run.lookup and all(run.done(r) for r in range(run._rows)) and "t" not in box:
-            box["t"] = t = threading.Thread(target=lambda: box.update(text=llm.complete(COMPLETE[1],
-                                                                                      max_new_tokens=N)))
+            box["t"] = t = threading.Thread(target=lambda: box.update(text=llm.complete(
+                COMPLETE[1], max_new_tokens=N, temperature=0.8, seed=4)))
             t.start()
             for _ in range(1000):  # until it waits to join (the condition is free during a step)
                 if batcher._joins:
@@ -209,36 +222,36 @@ def test_a_call_waiting_to_join_an_ended_run_is_not_added_to_the_next(llm, expec
         if "t" in box:
             batcher._cond.release()
     box["t"].join(30)
-    assert box["text"] == expected_complete[1]
+    assert box["text"] == sampled
 
 
 def test_a_call_of_another_kind_gets_the_next_run(llm):
     """Calls of another kind are served in arrival order: once the run they wait for ends, no call that arrived
     after them starts the next one (was: whichever thread took the condition first started its run, and a
-    prompt_lookup call among threads making plain calls waited for up to 17 runs)."""
+    call among threads making calls of another kind waited for up to 17 runs). Here: calls through a second
+    CodeLlama over the model (another engine) among threads calling the first."""
     from codellama_ext.generation import Engine
+    other = CodeLlama(llm.model, llm.tokenizer)
     runs, real_run = [], Engine.run
     stop = threading.Event()
 
-    def plain(i):
+    def busy(i):
         while not stop.is_set():
             llm.complete(COMPLETE[i % 4], max_new_tokens=6)
 
-    def counting_run(engine, prompts, params, *args):
-        runs.append(params.prompt_lookup)
-        return real_run(engine, prompts, params, *args)
+    def counting_run(engine, *args):
+        runs.append(engine)
+        return real_run(engine, *args)
     Engine.run = counting_run
-    threads = [threading.Thread(target=plain, args=(i,)) for i in range(4)]
+    threads = [threading.Thread(target=busy, args=(i,)) for i in range(4)]
     try:
         for t in threads:
             t.start()
         for _ in range(8):
-            while not runs:
-                threading.Event().wait(0.01)
             n = len(runs)
-            llm.complete(COMPLETE[3], max_new_tokens=2, prompt_lookup=2)
-            # the run it waited for, then at most one plain run started before it arrived: then its own
-            assert [lk for lk in runs[n:] if lk][:1] == [2] and runs[n:].index(2) <= 1
+            other.complete(COMPLETE[3], max_new_tokens=2)
+            # at most the one run of the busy threads started before it arrived, then its own
+            assert other.engine in runs[n:] and runs[n:].index(other.engine) <= 1
     finally:
         stop.set()
         Engine.run = real_run

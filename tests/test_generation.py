@@ -229,8 +229,18 @@ def test_rows_added_between_steps_equal_their_own_runs(folder):
     assert run.finished
     with pytest.raises(RuntimeError, match="this run has finished"):
         run.add([p[0]], SamplingParams(), [EOS])
-    with pytest.raises(ValueError, match="with and without prompt_lookup cannot share a run"):
-        engine.run([p[0]], SamplingParams(), [EOS]).add([p[1]], SamplingParams(prompt_lookup=3), [EOS])
+    with pytest.raises(ValueError, match="a drafting run .* takes only greedy rows without a repetition penalty"):
+        engine.run([p[0]], SamplingParams(prompt_lookup=3), [EOS]).add([p[1]], SamplingParams(temperature=0.5), [EOS])
+    # a plain run decodes a prompt_lookup row plainly; a drafting run takes a greedy row that does not draft
+    greedy = [r.tokens for r in engine.generate([p[0], p[3]], SamplingParams(max_new_tokens=N_NEW), [EOS])]
+    for first, then in ((SamplingParams(max_new_tokens=N_NEW), SamplingParams(max_new_tokens=N_NEW, prompt_lookup=3)),
+                        (SamplingParams(max_new_tokens=N_NEW, prompt_lookup=3), SamplingParams(max_new_tokens=N_NEW))):
+        run = engine.run([p[0]], first, [EOS])
+        rows = [0] + run.add([p[3]], then, [EOS])
+        for _ in run:
+            pass
+        assert [run.results[r].tokens for r in rows] == greedy
+        assert run.results[rows[1]].accepted_drafts == 0
 
 
 def test_abandoned_run_leaves_engine_usable(engine, expected):
