@@ -341,8 +341,9 @@ class Run:
     row early. `results` holds the outcome per row. Closing the iterator early (or dropping it) leaves the engine
     usable: the slots' records cover only completed writes. A run either drafts or not: its first prompts decide. A
     drafting run takes greedy rows without a penalty only (rows without prompt_lookup never draft); a plain run
-    takes any rows, and decodes rows with prompt_lookup plainly (the same tokens). Per-row state is kept by row number; `release(rows)` lets a run that
-    keeps taking prompts (a busy service's) forget ended rows, so it does not grow without bound."""
+    takes any rows, and decodes rows with prompt_lookup plainly (the same tokens). Per-row state is kept by row
+    number; `release(rows)` lets a run that keeps taking prompts (a busy service's) forget ended rows, so it does
+    not grow without bound."""
 
     def __init__(self, engine: Engine, prompts: list[list[int]], params: SamplingParams, stop_ids: frozenset,
                  logprobs: bool, vocab: int | None = None):
@@ -452,7 +453,7 @@ class Run:
         without a penalty (nothing to copy to the device)."""
         dev, vocab = self.engine.model.device, self.engine.model.args.vocab_size
         ps = [self._params[r] for r in rows]
-        if all(p.greedy and p.repetition_penalty == 1 for p in ps):
+        if all(p.checks_drafts for p in ps):
             return ()
         return (torch.tensor([[p.repetition_penalty] for p in ps], dtype=torch.float32, device=dev),
                 torch.tensor([p.greedy for p in ps], dtype=torch.bool, device=dev),
@@ -482,7 +483,9 @@ class Run:
         `rows` (args: their _row_args; None in a drafting run, where every row is greedy without a penalty)."""
         raw = logits
         ps = [self._params[r] for r in rows]
-        if seen is not None and any(p.repetition_penalty != 1 for p in ps):  # HF RepetitionPenaltyLogitsProcessor
+        # Only rows with a penalty read their seen masks: without one in the batch, no mask is kept up to date.
+        penalised = seen is not None and any(p.repetition_penalty != 1 for p in ps)
+        if penalised:  # HF RepetitionPenaltyLogitsProcessor
             rp = args[0]
             logits = torch.where(seen, torch.where(logits < 0, logits * rp, logits / rp), logits)
         if self._vocab is not None:
@@ -494,7 +497,7 @@ class Run:
             tok = ops.sample(logits, temperature, top_k, top_p, self._uniforms(rows))
             if any(p.greedy for p in ps):
                 tok = torch.where(greedy, ops.argmax(logits), tok)
-        if seen is not None:
+        if penalised:
             seen[torch.arange(len(rows), device=seen.device), tok] = True
         if not any(self._results[r].logprobs is not None for r in rows):
             return tok, None

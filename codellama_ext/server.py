@@ -149,7 +149,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         outcomes: list = []
         with contextlib.closing(self.llm._events(ids, mode, sp, outcomes=outcomes)) as events:
             if self._streaming:
-                self._stream(head, kind + (".chunk" if mode == "chat" else ""), events, outcomes, choice, len(ids))
+                self._stream(head, kind + (".chunk" if mode == "chat" else ""), events, outcomes, choice)
                 return
             texts = [""] * len(ids)
             for row, delta in events:
@@ -159,7 +159,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                          "usage": {"prompt_tokens": sum(map(len, ids)), "completion_tokens": used,
                                    "total_tokens": sum(map(len, ids)) + used}})
 
-    def _stream(self, head: dict, kind: str, events: Iterator, outcomes: list, choice: Callable, rows: int) -> None:
+    def _stream(self, head: dict, kind: str, events: Iterator, outcomes: list, choice: Callable) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -179,7 +179,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except (ValueError, RuntimeError) as e:  # the headers are sent: the error goes in the stream
             send({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
             return
-        for row, (finish, _) in enumerate(outcomes[:rows]):
+        for row, (finish, _) in enumerate(outcomes):
             send({**head, "object": kind, "choices": [choice(row, "", finish)]})
         send(b"[DONE]")
 
