@@ -11,10 +11,12 @@ threading HTTP server, one thread per connection; concurrent requests decode in 
 Completions: with "suffix", or a prompt holding <FILL_ME>, the text is infilled and the choice's text is the middle;
 otherwise the prompt is continued. Defaults are OpenAI's (temperature 1, top_p 1, completions max_tokens 16; chat
 runs to EOS or the end of the window). Extensions: "top_k", "repetition_penalty", "prompt_lookup" (as in
-SamplingParams). What OpenAI has and this server does not (n or best_of other than 1, logprobs, echo, penalties
-other than 0, logit_bias, token-id prompts) is a 400 error, not silently ignored; unknown fields are ignored, as
-clients send extras such as "user". Streams are server-sent events ("data: {chunk}", then "data: [DONE]"); a
-client that goes away ends its rows. Errors have OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
+SamplingParams). "n" choices of a prompt are n rows of the batch: with a seed each draws its own numbers
+(reproducibly), greedy ones are equal; choice i * n + j is prompt i's j-th. What OpenAI has and this server does not
+(best_of other than 1, logprobs, echo, penalties other than 0, logit_bias, token-id prompts) is a 400 error, not
+silently ignored; unknown fields are ignored, as clients send extras such as "user". Streams are server-sent events
+("data: {chunk}", then "data: [DONE]"); a client that goes away ends its rows. Errors have OpenAI's shape:
+{"error": {"message", "type", "param", "code"}}.
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ from .generation import SamplingParams
 __all__ = ["make_server"]
 
 # OpenAI's fields this server does not implement -> the values that ask for nothing beyond what it does
-_UNSUPPORTED = {"n": (1,), "best_of": (1,), "logprobs": (False,), "top_logprobs": (0,), "echo": (False,),
+_UNSUPPORTED = {"best_of": (1,), "logprobs": (False,), "top_logprobs": (0,), "echo": (False,),
                 "frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": ({},)}
 _MAX_BODY = 16 << 20
+_MAX_N = 128  # OpenAI's limit on choices per prompt
 
 
 class _BadRequest(ValueError):
@@ -140,26 +143,28 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
         self._answer(body, ids, "chat", sp, "chatcmpl", "chat.completion", choice)
 
-    def _answer(self, body: dict, ids: list[list[int]], mode: str, sp: SamplingParams, prefix: str, kind: str,
+    def _answer(self, body: dict, prompts: list[list[int]], mode: str, sp: SamplingParams, prefix: str, kind: str,
                 choice: Callable) -> None:
-        self.llm.engine.check_prompts(ids)  # a prompt too long for the window: 400 before the stream starts
+        self.llm.engine.check_prompts(prompts)  # a prompt too long for the window: 400 before the stream starts
+        n = _field(body, "n", (int,), 1, lambda v: 1 <= v <= _MAX_N, f"an integer in [1, {_MAX_N}]")
+        ids = [p for p in prompts for _ in range(n)]
         self._streaming = _field(body, "stream", (bool,), False, rule="a boolean")
         head = {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()),
                 "model": self.model_name}
         outcomes: list = []
         with contextlib.closing(self.llm._events(ids, mode, sp, outcomes=outcomes)) as events:
             if self._streaming:
-                self._stream(head, kind + (".chunk" if mode == "chat" else ""), events, outcomes, choice)
+                self._stream(head, kind + (".chunk" if mode == "chat" else ""), len(ids), events, outcomes, choice)
                 return
             texts = [""] * len(ids)
             for row, delta in events:
                 texts[row] += delta
-        used = sum(n for _, n in outcomes)
+        used = sum(k for _, k in outcomes)
+        read = sum(map(len, prompts))  # as OpenAI counts: once per prompt, whatever n
         self._json(200, {**head, "choices": [choice(i, t, f) for i, (t, (f, _)) in enumerate(zip(texts, outcomes))],
-                         "usage": {"prompt_tokens": sum(map(len, ids)), "completion_tokens": used,
-                                   "total_tokens": sum(map(len, ids)) + used}})
+                         "usage": {"prompt_tokens": read, "completion_tokens": used, "total_tokens": read + used}})
 
-    def _stream(self, head: dict, kind: str, events: Iterator, outcomes: list, choice: Callable) -> None:
+    def _stream(self, head: dict, kind: str, rows: int, events: Iterator, outcomes: list, choice: Callable) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -170,8 +175,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(b"data: " + (payload if isinstance(payload, bytes) else json.dumps(payload).encode())
                              + b"\n\n")
             self.wfile.flush()
-        if chat:
-            send({**head, "object": kind, "choices": [choice(0, "", None, first=True)]})
+        if chat:  # each choice's first chunk names the role
+            for row in range(rows):
+                send({**head, "object": kind, "choices": [choice(row, "", None, first=True)]})
         try:
             for row, delta in events:
                 if delta:

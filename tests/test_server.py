@@ -104,8 +104,35 @@ def test_chat_and_sampling_fields(llm, url):
     assert json.loads(text)["choices"][0]["text"] == llm.complete(COMPLETE[0], max_new_tokens=3)
 
 
+def test_n_choices_per_prompt(llm, url):
+    # Choice i * n + j is prompt i's j-th: the same rows as the Python API given each prompt n times, seeded alike.
+    body = {"prompt": COMPLETE[:2], "max_tokens": N, "n": 3, "seed": 7}
+    status, text = post(url, "/v1/completions", body)
+    out = json.loads(text)
+    want = llm.complete([p for p in COMPLETE[:2] for _ in range(3)], max_new_tokens=N, temperature=1.0, top_p=1.0,
+                        seed=7)
+    assert status == 200 and [c["index"] for c in out["choices"]] == list(range(6))
+    assert [c["text"] for c in out["choices"]] == want
+    assert len(set(want[:3])) > 1  # each choice draws its own numbers
+    assert json.loads(post(url, "/v1/completions", body)[1])["choices"] == out["choices"]  # and reproducibly
+    ids = [llm.tokenizer.encode_meta(p, True, False) for p in COMPLETE[:2]]
+    assert out["usage"]["prompt_tokens"] == sum(map(len, ids))  # counted once per prompt, as OpenAI does
+    # greedy choices are equal; a chat stream names the role in each choice's first chunk
+    status, text = post(url, "/v1/chat/completions", {"messages": DIALOGS[0], "max_tokens": N, "temperature": 0,
+                                                      "n": 2, "stream": True})
+    chunks = events(text)
+    assert [c["choices"][0]["delta"] for c in chunks[:2]] == [{"role": "assistant", "content": ""}] * 2
+    assert [c["choices"][0]["index"] for c in chunks[:2]] == [0, 1]
+    reply = llm.chat(DIALOGS[0], max_new_tokens=N)
+    for i in range(2):
+        assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks
+                       if c["choices"][0]["index"] == i) == reply
+
+
 @pytest.mark.parametrize("path,body,status,match", [
-    ("/v1/completions", {"prompt": "x", "n": 2}, 400, r"n=2 is not supported .*\(only 1\)"),
+    ("/v1/completions", {"prompt": "x", "n": 0}, 400, r"n must be an integer in \[1, 128\]"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 1.5}, 400, "n must be"),
+    ("/v1/completions", {"prompt": "x", "best_of": 2}, 400, r"best_of=2 is not supported .*\(only 1\)"),
     ("/v1/completions", {"prompt": "x", "logprobs": 3}, 400, "logprobs=3 is not supported"),
     ("/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, "temperature must be a number >= 0"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens must be an integer >= 1"),
