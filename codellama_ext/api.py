@@ -195,9 +195,10 @@ class CodeLlama:
 
     # ---- token API ----
     def generate(self, prompt_tokens: Sequence[Sequence[int]], *, stop_ids: Sequence[int] | None = None,
-                 logprobs: bool = False, params: SamplingParams | None = None,
+                 logprobs: bool = False, top_logprobs: int = 0, params: SamplingParams | None = None,
                  **sampling) -> list[GenerationResult]:
-        """Token ids in, new token ids out (stop token excluded); stop_ids default: EOS."""
+        """Token ids in, new token ids out (stop token excluded); stop_ids default: EOS. logprobs: each new token's
+        log-probability under the raw logits; top_logprobs: also the k most likely ids at each step."""
         sp = _params(params, sampling)
         if sp.stop:
             raise ValueError("generate works on token ids: pass stop_ids, not stop strings")
@@ -209,9 +210,8 @@ class CodeLlama:
             # a str, an int or a float id would otherwise be an obscure TypeError or a stop never matched
             raise ValueError(f"stop_ids must be a list of token ids (integers in [0, {vocab})) or None, "
                              f"got {stop_ids!r}")
-        if not isinstance(logprobs, bool):
-            raise ValueError(f"logprobs must be a bool, got {logprobs!r}")
-        call = self._batcher.submit(self.engine, prompt_tokens, sp, list(stop_ids), logprobs)
+        call = self._batcher.submit(self.engine, prompt_tokens, sp, list(stop_ids), logprobs,
+                                    top_logprobs=top_logprobs)
         for _ in call:
             pass
         return call.results

@@ -23,7 +23,7 @@ import threading
 import weakref
 from typing import Iterator, Sequence
 
-from .generation import Engine, GenerationResult, Run, SamplingParams
+from .generation import Engine, GenerationResult, Run, SamplingParams, check_top_logprobs
 from .model import Transformer
 
 __all__ = ["Batcher", "Call", "batcher_of"]
@@ -102,15 +102,18 @@ class Batcher:
         self._joins: list[_Join] = []  # calls that arrived during a step, for the next step to add
 
     def submit(self, engine: Engine, prompts: Sequence[Sequence[int]], params: SamplingParams,
-               stop_ids: Sequence[int], logprobs: bool = False, vocab: int | None = None) -> Call:
+               stop_ids: Sequence[int], logprobs: bool = False, vocab: int | None = None,
+               top_logprobs: int = 0) -> Call:
         """Adds a call's prompts to the run in progress (at its next step when a step is running), or starts one.
-        Bad prompts raise here (ValueError)."""
+        Bad prompts or logprobs wishes raise here (ValueError)."""
         if vocab is not None and vocab >= engine.model.args.vocab_size:
             vocab = None  # no limit (as Run reads it): such calls share runs with generate()'s
         # (engine, vocab limit, drafts, may be in a drafting run): a run takes calls of its engine and vocab limit,
         # a drafting run only those that may be in one
         kind = (engine, vocab, params.prompt_lookup > 0, params.checks_drafts)
-        prompts = engine.check_prompts(prompts)  # here: Run.add, run by another thread's step, must not fail
+        # here: Run.add, run by another thread's step, must not fail
+        prompts = engine.check_prompts(prompts)
+        check_top_logprobs(logprobs, top_logprobs, vocab or engine.model.args.vocab_size)
         me = (kind, object())
         with self._cond:
             self._line.append(me)
@@ -118,17 +121,18 @@ class Batcher:
                 while True:
                     first = all(k == kind for k, _ in self._line[:self._line.index(me)])
                     if first and self._run is None:
-                        run = engine.run(prompts, params, stop_ids, logprobs, vocab)
+                        run = engine.run(prompts, params, stop_ids, logprobs, vocab, top_logprobs)
                         self._run, self._kind, self._calls, self._owner = run, kind, [], {}
                         return self._join(run, list(range(len(prompts))))
                     fits = self._run is not None and self._kind[:2] == kind[:2] and (
                         kind[3] or not self._run.lookup)
                     if first and fits and not self._driving:
-                        return self._join(self._run, self._run.add(prompts, params, stop_ids, logprobs))
+                        return self._join(self._run, self._run.add(prompts, params, stop_ids, logprobs,
+                                                                   top_logprobs))
                     if first and fits:
                         # A step is running: the next step takes the call in (its stepper may well be the thread
                         # stepping now, which would otherwise take the condition back before this one wakes).
-                        join = _Join(prompts, params, stop_ids, logprobs)
+                        join = _Join(prompts, params, stop_ids, logprobs, top_logprobs)
                         self._joins.append(join)
                         run = self._run
                         while join.call is None and self._run is run and self._driving:
@@ -156,7 +160,8 @@ class Batcher:
         out its tokens; drops the run when it has ended."""
         run = self._run
         for join in self._joins:
-            join.call = self._join(run, run.add(join.prompts, join.params, join.stop_ids, join.logprobs))
+            join.call = self._join(run, run.add(join.prompts, join.params, join.stop_ids, join.logprobs,
+                                                join.top_logprobs))
         self._joins.clear()
         for call in self._calls:
             for r in call._ending:
@@ -197,8 +202,9 @@ class Batcher:
 class _Join:
     """A call waiting for the next step to add it to the run."""
 
-    def __init__(self, prompts, params, stop_ids, logprobs):
-        self.prompts, self.params, self.stop_ids, self.logprobs = prompts, params, stop_ids, logprobs
+    def __init__(self, prompts, params, stop_ids, logprobs, top_logprobs):
+        self.prompts, self.params, self.stop_ids = prompts, params, stop_ids
+        self.logprobs, self.top_logprobs = logprobs, top_logprobs
         self.call: Call | None = None
 
 

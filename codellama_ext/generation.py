@@ -106,6 +106,16 @@ class SamplingParams:
         return self.greedy and self.repetition_penalty == 1
 
 
+def check_top_logprobs(logprobs: bool, top_logprobs: int, vocab: int) -> None:
+    """ValueError unless logprobs is a bool and top_logprobs an int in [0, vocab], above 0 only with logprobs."""
+    if not isinstance(logprobs, bool):
+        raise ValueError(f"logprobs must be a bool, got {logprobs!r}")
+    if not isinstance(top_logprobs, int) or isinstance(top_logprobs, bool) or not 0 <= top_logprobs <= vocab:
+        raise ValueError(f"top_logprobs must be an integer in [0, {vocab}], got {top_logprobs!r}")
+    if top_logprobs and not logprobs:
+        raise ValueError("top_logprobs needs logprobs=True")
+
+
 def _shared_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
@@ -117,11 +127,13 @@ def _is_real(x) -> bool:
 @dataclass
 class GenerationResult:
     """The new tokens of one prompt (the stop token excluded), their log-probabilities under the model's raw
-    logits (as Meta's `logprobs`) when asked for, and why generation ended: "stop" (a stop id or stop string)
-    or "length" (max_new_tokens or the end of the context window)."""
+    logits (as Meta's `logprobs`) when asked for, with the top_logprobs most likely ids at each step (id,
+    log-probability; most likely first; among the ids the run may pick), and why generation ended: "stop" (a stop
+    id or stop string) or "length" (max_new_tokens or the end of the context window)."""
 
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
     finish_reason: str = "length"
     cached_tokens: int = 0  # leading prompt tokens whose keys / values an earlier run left in the cache
     accepted_drafts: int = 0  # new tokens that came from a confirmed prompt_lookup draft
@@ -321,14 +333,14 @@ class Engine:
         return out
 
     def run(self, prompts: Sequence[Sequence[int]], params: SamplingParams, stop_ids: Sequence[int],
-            logprobs: bool = False, vocab: int | None = None) -> "Run":
+            logprobs: bool = False, vocab: int | None = None, top_logprobs: int = 0) -> "Run":
         """vocab: pick only ids below it (a tokenizer with fewer pieces than the model has embedding rows, as
         fine-tunes with a resized embedding have, cannot decode the rest); None: every id."""
-        return Run(self, prompts, params, stop_ids, logprobs, vocab)
+        return Run(self, prompts, params, stop_ids, logprobs, vocab, top_logprobs)
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, stop_ids: Sequence[int],
-                 logprobs: bool = False) -> list[GenerationResult]:
-        run = self.run(prompts, params, stop_ids, logprobs)
+                 logprobs: bool = False, top_logprobs: int = 0) -> list[GenerationResult]:
+        run = self.run(prompts, params, stop_ids, logprobs, top_logprobs=top_logprobs)
         for _ in run:
             pass
         return run.results
@@ -346,7 +358,7 @@ class Run:
     not grow without bound."""
 
     def __init__(self, engine: Engine, prompts: list[list[int]], params: SamplingParams, stop_ids: frozenset,
-                 logprobs: bool, vocab: int | None = None):
+                 logprobs: bool, vocab: int | None = None, top_logprobs: int = 0):
         self.engine = engine
         self.lookup = params.prompt_lookup > 0
         model_vocab = engine.model.args.vocab_size
@@ -357,6 +369,7 @@ class Run:
         self._done: dict[int, bool] = {}
         self._params: dict[int, SamplingParams] = {}
         self._stop_ids: dict[int, frozenset] = {}
+        self._top: dict[int, int] = {}  # top_logprobs per row
         self._budget: dict[int, int] = {}
         self._generator: dict[int, torch.Generator | None] = {}  # seeded rows: their own, drawn from every step
         self._lookup_misses: dict[int, int] = {}
@@ -366,14 +379,15 @@ class Run:
         self._ngrams: dict[int, tuple[dict, int]] = {}  # row -> (n-gram -> latest start, positions indexed)
         self._queue: list[int] = []  # rows waiting for a cache slot, first first
         self.finished = False  # the generator has returned: add() would queue rows nothing runs
-        self.add(prompts, params, stop_ids, logprobs)
+        self.add(prompts, params, stop_ids, logprobs, top_logprobs)
         self._steps = self._generate()
 
     def add(self, prompts: Sequence[Sequence[int]], params: SamplingParams, stop_ids: Sequence[int],
-            logprobs: bool = False) -> list[int]:
+            logprobs: bool = False, top_logprobs: int = 0) -> list[int]:
         """Queues prompts (checked as Engine.check_prompts does) -> their row numbers. Between steps only."""
         if self.finished:
             raise RuntimeError("this run has finished: start a new one")
+        check_top_logprobs(logprobs, top_logprobs, self._vocab or self.engine.model.args.vocab_size)
         if self.lookup and not params.checks_drafts:
             raise ValueError("a drafting run (prompt_lookup) takes only greedy rows without a repetition penalty")
         prompts = self.engine.check_prompts(prompts)
@@ -388,10 +402,12 @@ class Run:
                 generator = torch.Generator(device=self.engine.model.device)
                 generator.manual_seed((params.seed + i * 0x9E3779B97F4A7C15) % 2 ** 64)
             self.prompts[r] = ids
-            self._results[r] = GenerationResult(logprobs=[] if logprobs else None)
+            self._results[r] = GenerationResult(logprobs=[] if logprobs else None,
+                                                top_logprobs=[] if top_logprobs else None)
             self._done[r] = False
             self._params[r] = params
             self._stop_ids[r] = frozenset(stop_ids)
+            self._top[r] = top_logprobs
             self._budget[r] = min(params.max_new_tokens, window - len(ids))
             self._generator[r] = generator
             self._lookup_misses[r] = 0
@@ -479,8 +495,9 @@ class Run:
     @torch.inference_mode()
     def _choose(self, logits: torch.Tensor, seen: torch.Tensor | None, rows: list[int],
                 args: tuple[torch.Tensor, ...] | None) -> tuple[torch.Tensor, ...]:
-        """Next ids [n] (and their log-probabilities under the raw logits when a row asks) from logits [n, V] of
-        `rows` (args: their _row_args; None in a drafting run, where every row is greedy without a penalty)."""
+        """Next ids [n] from logits [n, V] of `rows` (args: their _row_args; None in a drafting run, where every row
+        is greedy without a penalty), and when a row asks for log-probabilities, per row on the host: (the id's
+        log-probability under the raw logits, the row's top_logprobs alternatives or None); else None."""
         raw = logits
         ps = [self._params[r] for r in rows]
         # Only rows with a penalty read their seen masks: without one in the batch, no mask is kept up to date.
@@ -499,9 +516,17 @@ class Run:
                 tok = torch.where(greedy, ops.argmax(logits), tok)
         if penalised:
             seen[torch.arange(len(rows), device=seen.device), tok] = True
-        if not any(self._results[r].logprobs is not None for r in rows):
+        want = [self._top[r] for r in rows if self._results[r].logprobs is not None]
+        if not want:
             return tok, None
-        return tok, torch.log_softmax(raw, dim=-1).gather(1, tok[:, None])[:, 0]
+        lsm = torch.log_softmax(raw, dim=-1)
+        chosen = lsm.gather(1, tok[:, None])[:, 0].tolist()
+        if not max(want):
+            return tok, [(c, None) for c in chosen]
+        top = (lsm if self._vocab is None else lsm[:, :self._vocab]).topk(max(want), dim=-1)
+        ids, values = top.indices.tolist(), top.values.tolist()
+        return tok, [(c, list(zip(i[:self._top[r]], v[:self._top[r]])))
+                     for c, i, v, r in zip(chosen, ids, values, rows)]
 
     def _draft(self, r: int, at: int) -> list[int]:
         """Prompt lookup for row r, whose last token is about to be fed at position `at`: what followed the latest
@@ -555,14 +580,14 @@ class Run:
                                         pads)
         else:
             logits = self.engine.verify(slots, ats, fed)
-        tok, lp = self._choose(logits, None, [r for r, f in zip(rows, fed) for _ in f], None)
+        tok, scores = self._choose(logits, None, [r for r, f in zip(rows, fed) for _ in f], None)
         chosen = tok.tolist()
-        lps = lp.tolist() if lp is not None else [None] * len(chosen)
+        scores = scores or [None] * len(chosen)
         out, i = {}, 0
         for r, s, at, d, f in zip(rows, slots, ats, drafts, fed):
             c = chosen[i:i + len(f)]
             m = next((j for j, (x, y) in enumerate(zip(c, d)) if x != y), len(d))
-            out[r] = list(zip(c[:m + 1], lps[i:i + m + 1]))
+            out[r] = list(zip(c[:m + 1], scores[i:i + m + 1]))
             i += len(f)
             if not d:
                 continue
@@ -587,7 +612,7 @@ class Run:
     def _steps_of_run(self) -> Iterator[list[tuple[int, int]]]:
         model, queue = self.engine.model, self._queue
         dev = model.device
-        pending: dict[int, list[tuple[int, float | None]]] = {}  # drafting run: row -> its next tokens
+        pending: dict[int, list[tuple[int, tuple | None]]] = {}  # drafting run: row -> its next tokens
         free = list(range(model.max_batch_size))[::-1]
         live: list[int] = []  # rows, in the order of the rows of logits / tok / pos / slot / seen / args
         slot_of: dict[int, int] = {}
@@ -603,9 +628,9 @@ class Run:
             if self._released:  # forget released rows that have left the batch
                 gone = self._released.difference(live, queue)
                 for r in gone:
-                    for d in (self.prompts, self._results, self._done, self._params, self._stop_ids, self._budget,
-                              self._generator, self._lookup_misses, self._lookup_wait, self._ngrams, slot_of,
-                              pending):
+                    for d in (self.prompts, self._results, self._done, self._params, self._stop_ids, self._top,
+                              self._budget, self._generator, self._lookup_misses, self._lookup_wait, self._ngrams,
+                              slot_of, pending):
                         d.pop(r, None)
                 self._released -= gone
             if not live and not queue:
@@ -618,20 +643,18 @@ class Run:
                 pad_slots = args = None
                 live += new
                 if self.lookup:  # the new rows' first tokens
-                    tok, lp = self._choose(parts[0], None, new, None)
-                    lps = lp.tolist() if lp is not None else [None] * len(new)
-                    pending.update((r, [(t, lp)]) for r, t, lp in zip(new, tok.tolist(), lps))
+                    tok, scores = self._choose(parts[0], None, new, None)
+                    pending.update((r, [(t, sc)]) for r, t, sc in zip(new, tok.tolist(), scores or [None] * len(new)))
                 else:
                     with torch.inference_mode():
                         logits, pos, slot, seen = (torch.cat([a, b]) for a, b in zip((logits, pos, slot, seen), parts))
             if self.lookup:
-                ids, lps = (list(v) for v in zip(*(pending[r].pop(0) for r in live)))
+                ids, scores = (list(v) for v in zip(*(pending[r].pop(0) for r in live)))
             else:
                 if args is None:
                     args = self._row_args(live)
-                tok, lp = self._choose(logits, seen, live, args)
+                tok, scores = self._choose(logits, seen, live, args)
                 ids = tok.tolist()
-                lps = lp.tolist() if lp is not None else None
             step = []
             for j, r in enumerate(live):
                 res = self._results[r]
@@ -640,7 +663,9 @@ class Run:
                     continue
                 res.tokens.append(ids[j])
                 if res.logprobs is not None:
-                    res.logprobs.append(lps[j])
+                    res.logprobs.append(scores[j][0])
+                    if res.top_logprobs is not None:
+                        res.top_logprobs.append(scores[j][1])
                 step.append((r, ids[j]))
                 if len(res.tokens) >= self._budget[r]:
                     self.finish(r, "length")

@@ -58,12 +58,13 @@ def test_a_call_arriving_during_a_step_joins_the_next_one(llm, expected_complete
 
 
 def test_joined_calls_keep_their_own_parameters(llm, expected_complete):
-    """Seeded sampling, a repetition penalty, logprobs and stop strings joined into another call's run give what
-    they give alone."""
+    """Seeded sampling, a repetition penalty, logprobs (with alternatives) and stop strings joined into another call's
+    run give what they give alone."""
     tok = llm.tokenizer
     calls = [lambda: llm.complete(COMPLETE[0], max_new_tokens=N, temperature=0.9, top_p=0.9, seed=11),
              lambda: llm.complete([COMPLETE[1], COMPLETE[3]], max_new_tokens=N, repetition_penalty=1.4),
-             lambda: llm.generate([tok.encode_meta(COMPLETE[0], True, False)], max_new_tokens=N, logprobs=True),
+             lambda: llm.generate([tok.encode_meta(COMPLETE[0], True, False)], max_new_tokens=N, logprobs=True,
+                                  top_logprobs=2),
              lambda: llm.infill(*INFILL[0], max_new_tokens=N, stop=["\n"]),
              lambda: llm.chat(DIALOGS[0], max_new_tokens=N, temperature=0.7, seed=3)]
     alone = [call() for call in calls]
@@ -74,6 +75,7 @@ def test_joined_calls_keep_their_own_parameters(llm, expected_complete):
         if isinstance(want, list) and want and not isinstance(want[0], str):  # GenerationResults
             assert [(r.tokens, r.finish_reason) for r in got] == [(r.tokens, r.finish_reason) for r in want]
             assert got[0].logprobs == pytest.approx(want[0].logprobs, abs=1e-5)
+            assert [[i for i, _ in t] for t in got[0].top_logprobs] == [[i for i, _ in t] for t in want[0].top_logprobs]
         else:
             assert got == want
         assert first + "".join(s) == expected_complete[2]

@@ -127,6 +127,42 @@ def test_logprobs_match_transformers(engine, hf):
     assert res.logprobs == pytest.approx(ref, abs=1e-4)
 
 
+def test_top_logprobs_match_transformers(engine, hf):
+    prompts = random_prompts(2)
+    res = engine.generate(prompts, SamplingParams(max_new_tokens=6), [], logprobs=True, top_logprobs=3)
+    for p, r in zip(prompts, res):
+        out = hf.generate(torch.tensor([p]), do_sample=False, max_new_tokens=6, eos_token_id=None, pad_token_id=0,
+                          output_logits=True, return_dict_in_generate=True, top_p=None, top_k=None, temperature=None)
+        assert out.sequences[0, len(p):].tolist() == r.tokens and len(r.top_logprobs) == len(r.tokens)
+        for lg, t, top in zip(out.logits, r.tokens, r.top_logprobs):
+            ref = torch.log_softmax(lg[0].float(), -1).topk(3)
+            assert [i for i, _ in top] == ref.indices.tolist() and top[0][0] == t  # greedy takes the first
+            assert [v for _, v in top] == pytest.approx(ref.values.tolist(), abs=1e-4)
+    # a drafting run gives the same; a vocabulary limit leaves out the ids the run may not pick
+    drafted = engine.generate(prompts, SamplingParams(max_new_tokens=6, prompt_lookup=3), [], logprobs=True,
+                              top_logprobs=3)
+    for a, b in zip(drafted, res):
+        assert [[i for i, _ in t] for t in a.top_logprobs] == [[i for i, _ in t] for t in b.top_logprobs]
+        assert [v for t in a.top_logprobs for _, v in t] == pytest.approx([v for t in b.top_logprobs for _, v in t],
+                                                                          abs=1e-5)
+    run = engine.run(prompts[:1], SamplingParams(max_new_tokens=3), [], True, vocab=40, top_logprobs=5)
+    for _ in run:
+        pass
+    tops = run.results[0].top_logprobs
+    assert len(tops) == 3 and all(len(t) == 5 and all(i < 40 for i, _ in t) for t in tops)
+    plain = engine.generate(prompts, SamplingParams(max_new_tokens=2), [], logprobs=True)
+    assert all(r.top_logprobs is None for r in plain)
+
+
+@pytest.mark.parametrize("logprobs,top,match", [
+    (False, 2, "top_logprobs needs logprobs=True"), (True, -1, "top_logprobs must be an integer in"),
+    (True, True, "top_logprobs must be an integer in"), (True, 10 ** 6, "top_logprobs must be an integer in"),
+    ("yes", 0, "logprobs must be a bool")])
+def test_bad_logprobs_wishes(engine, logprobs, top, match):
+    with pytest.raises(ValueError, match=match):
+        engine.generate(random_prompts(1), SamplingParams(max_new_tokens=2), [], logprobs=logprobs, top_logprobs=top)
+
+
 def test_repetition_penalty_matches_transformers(engine, hf, expected):
     changed = False
     for p, (greedy, _) in zip(random_prompts(2), expected):
