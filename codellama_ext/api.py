@@ -26,7 +26,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
 
@@ -41,6 +41,17 @@ __all__ = ["CodeLlama", "SamplingParams", "GenerationResult", "DEFAULT_MODEL_DIR
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
 DEFAULT_CONTEXT = 4096  # max_seq_len when not given: CodeLlama's window is 16k, most uses need far less cache
 _MODES = ("complete", "infill", "chat")
+
+
+class Scored(NamedTuple):
+    """A generated token with its log-probability, the most likely alternatives (id, log-probability) and where
+    its text starts in the generated text: the length of the text of the tokens before it (an incomplete character
+    there counts as its U+FFFD)."""
+
+    id: int
+    logprob: float
+    top: list[tuple[int, float]]
+    text_offset: int
 
 
 class _TextRow:
@@ -175,7 +186,7 @@ class CodeLlama:
 
     def _stream(self, ids: list[int], mode: str, sp: SamplingParams) -> Iterator[str]:
         with contextlib.closing(self._events([ids], mode, sp)) as events:  # closing the stream ends its row
-            for _, delta in events:
+            for _, delta, _ in events:
                 if delta:
                     yield delta
 
@@ -256,28 +267,39 @@ class CodeLlama:
     def _texts(self, prompts: list[list[int]], mode: str, sp: SamplingParams,
                detok: str | None = None) -> list[str]:
         out = [""] * len(prompts)
-        for row, delta in self._events(prompts, mode, sp, detok):
+        for row, delta, _ in self._events(prompts, mode, sp, detok):
             out[row] += delta
         return out
 
     def _events(self, prompts: list[list[int]], mode: str, sp: SamplingParams, detok: str | None = None,
-                outcomes: list | None = None) -> Iterator[tuple[int, str]]:
-        """(row, text delta) pairs as tokens arrive, the prompts joining the model's generation when this is first
-        advanced. Closing this generator ends its rows. detok: the detokenizer mode, by default the mode's own
-        ("infill" keeps a leading space, "completion" drops it). outcomes: a list that gets, once the rows have
-        ended, (finish reason, tokens in the text) per row: "stop" for a stop id or stop string, else "length"."""
-        call = self._batcher.submit(self.engine, prompts, sp, self._stop_ids(mode), vocab=self.tokenizer.n_words)
+                outcomes: list | None = None, top_logprobs: int | None = None
+                ) -> Iterator[tuple[int, str, Scored | None]]:
+        """(row, text delta, scored) triples as tokens arrive, the prompts joining the model's generation when this
+        is first advanced. Closing this generator ends its rows. detok: the detokenizer mode, by default the mode's
+        own ("infill" keeps a leading space, "completion" drops it). outcomes: a list that gets, once the rows have
+        ended, (finish reason, tokens in the text) per row: "stop" for a stop id or stop string, else "length".
+        top_logprobs (None: off): `scored` is the Scored token behind the event when it is part of the text (one
+        per such token), with that many alternatives; else None."""
+        call = self._batcher.submit(self.engine, prompts, sp, self._stop_ids(mode), vocab=self.tokenizer.n_words,
+                                    logprobs=top_logprobs is not None, top_logprobs=top_logprobs or 0)
         detok = detok or ("infill" if mode == "infill" else "completion")
         rows = [_TextRow(self.tokenizer, detok, sp.stop) for _ in prompts]
+        results = call.results
         try:
             for step in call:
                 for r, t in step:
-                    if rows[r].add(t):
+                    row, res = rows[r], results[r]
+                    counted, offset = row.tokens, len(row.text) + len(row.detok.held)
+                    if row.add(t):
                         call.finish(r)
-                    yield r, rows[r].delta(final=False)
+                    scored = None
+                    if top_logprobs is not None and row.tokens > counted:  # the k-th token of the row: index k
+                        scored = Scored(t, res.logprobs[counted], res.top_logprobs[counted] if top_logprobs else [],
+                                        offset)
+                    yield r, row.delta(final=False), scored
             for r, row in enumerate(rows):
                 row.close()
-                yield r, row.delta(final=True)
+                yield r, row.delta(final=True), None
             if outcomes is not None:
                 outcomes += [("stop" if row.stopped else res.finish_reason, row.tokens)
                              for row, res in zip(rows, call.results)]

@@ -12,8 +12,11 @@ Completions: with "suffix", or a prompt holding <FILL_ME>, the text is infilled 
 otherwise the prompt is continued. Defaults are OpenAI's (temperature 1, top_p 1, completions max_tokens 16; chat
 runs to EOS or the end of the window). Extensions: "top_k", "repetition_penalty", "prompt_lookup" (as in
 SamplingParams). "n" choices of a prompt are n rows of the batch: with a seed each draws its own numbers
-(reproducibly), greedy ones are equal; choice i * n + j is prompt i's j-th. What OpenAI has and this server does not
-(best_of other than 1, logprobs, echo, penalties other than 0, logit_bias, token-id prompts) is a 400 error, not
+(reproducibly), greedy ones are equal; choice i * n + j is prompt i's j-th. "logprobs" (completions: 0-5
+alternatives; chat: true, with "top_logprobs" 0-20) gives each token of the text its log-probability under the raw
+logits; a token that is part of a multi-byte character is written "bytes:\\xNN", and completions' text_offset counts
+characters of the choice's text; streamed, each token comes in a chunk of its own. What OpenAI has and this server
+does not (best_of other than 1, echo, penalties other than 0, logit_bias, token-id prompts) is a 400 error, not
 silently ignored; unknown fields are ignored, as clients send extras such as "user". Streams are server-sent events
 ("data: {chunk}", then "data: [DONE]"); a client that goes away ends its rows. Errors have OpenAI's shape:
 {"error": {"message", "type", "param", "code"}}.
@@ -29,16 +32,18 @@ import time
 import uuid
 from typing import Callable, Iterator
 
-from .api import CodeLlama
+from .api import CodeLlama, Scored
 from .generation import SamplingParams
+from .tokenizer import CodeLlamaTokenizer
 
 __all__ = ["make_server"]
 
 # OpenAI's fields this server does not implement -> the values that ask for nothing beyond what it does
-_UNSUPPORTED = {"best_of": (1,), "logprobs": (False,), "top_logprobs": (0,), "echo": (False,),
-                "frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": ({},)}
+_UNSUPPORTED = {"best_of": (1,), "echo": (False,), "frequency_penalty": (0,), "presence_penalty": (0,),
+                "logit_bias": ({},)}
 _MAX_BODY = 16 << 20
 _MAX_N = 128  # OpenAI's limit on choices per prompt
+_MAX_TOP = {"completions": 5, "chat": 20}  # OpenAI's limits on logprobs alternatives
 
 
 class _BadRequest(ValueError):
@@ -77,6 +82,31 @@ def _sampling(body: dict, max_tokens: int) -> SamplingParams:
         return SamplingParams(**sp)
     except ValueError as e:  # rules between fields (prompt_lookup needs greedy) or ranges (a huge seed)
         raise _BadRequest(str(e)) from None
+
+
+def _token_text(data: bytes) -> str:
+    """A token as OpenAI writes it: its text, or "bytes:\\xNN..." for part of a multi-byte character."""
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
+
+
+def _completion_logprobs(tok: CodeLlamaTokenizer, scored: list[Scored], top: int) -> dict:
+    """OpenAI's completions logprobs: text offsets count characters of the choice's text."""
+    def text(i: int) -> str:
+        return _token_text(tok.piece_bytes(i))
+    return {"tokens": [text(s.id) for s in scored], "token_logprobs": [s.logprob for s in scored],
+            "top_logprobs": [{text(i): lp for i, lp in s.top} for s in scored] if top else None,
+            "text_offset": [s.text_offset for s in scored]}
+
+
+def _chat_logprob(tok: CodeLlamaTokenizer, s: Scored) -> dict:
+    """One token of OpenAI's chat logprobs content, with its alternatives."""
+    def entry(i: int, lp: float) -> dict:
+        data = tok.piece_bytes(i)
+        return {"token": _token_text(data), "logprob": lp, "bytes": list(data)}
+    return {**entry(s.id, s.logprob), "top_logprobs": [entry(i, lp) for i, lp in s.top]}
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -123,10 +153,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         fill = self.llm.tokenizer.fill_token or "<FILL_ME>"
         mode = "infill" if suffix is not None or any(fill in p for p in prompts) else "complete"
         ids = [self.llm._ids(mode, p, suffix) for p in prompts]
+        top = _field(body, "logprobs", (int,), None, lambda v: 0 <= v <= _MAX_TOP["completions"],
+                     f"an integer in [0, {_MAX_TOP['completions']}] or null")
+        tok = self.llm.tokenizer
 
-        def choice(i: int, text: str, finish: str | None) -> dict:
-            return {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
-        self._answer(body, ids, mode, sp, "cmpl", "text_completion", choice)
+        def choice(i: int, text: str, finish: str | None, scored: list[Scored] | None = None) -> dict:
+            return {"index": i, "text": text, "logprobs": None if scored is None else _completion_logprobs(
+                tok, scored, top), "finish_reason": finish}
+        self._answer(body, ids, mode, sp, "cmpl", "text_completion", choice, top)
 
     def _chat(self, body: dict) -> None:
         messages = body.get("messages")
@@ -135,16 +169,27 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             raise _BadRequest("messages must be a non-empty list of {role, content} with string content", "messages")
         sp = _sampling(body, self.llm.model.max_seq_len)  # no max_tokens: until EOS or the end of the window
         ids = [self.llm._ids("chat", [{"role": m.get("role"), "content": m["content"]} for m in messages])]
+        wanted = _field(body, "logprobs", (bool,), False, rule="a boolean")
+        top = _field(body, "top_logprobs", (int,), None, lambda v: 0 <= v <= _MAX_TOP["chat"],
+                     f"an integer in [0, {_MAX_TOP['chat']}]")
+        if top is not None and not wanted:
+            raise _BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
+        tok = self.llm.tokenizer
 
-        def choice(i: int, text: str, finish: str | None, first: bool = False) -> dict:
+        def choice(i: int, text: str, finish: str | None, scored: list[Scored] | None = None,
+                   first: bool = False) -> dict:
+            logprobs = None if scored is None else {"content": [_chat_logprob(tok, s) for s in scored]}
             if self._streaming:
                 delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-                return {"index": i, "delta": delta, "finish_reason": finish}
-            return {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-        self._answer(body, ids, "chat", sp, "chatcmpl", "chat.completion", choice)
+                return {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+            return {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                    "finish_reason": finish}
+        self._answer(body, ids, "chat", sp, "chatcmpl", "chat.completion", choice, (top or 0) if wanted else None)
 
     def _answer(self, body: dict, prompts: list[list[int]], mode: str, sp: SamplingParams, prefix: str, kind: str,
-                choice: Callable) -> None:
+                choice: Callable, top_logprobs: int | None) -> None:
+        """top_logprobs: None, no logprobs; else each choice's tokens with their log-probabilities and that many
+        alternatives."""
         self.llm.engine.check_prompts(prompts)  # a prompt too long for the window: 400 before the stream starts
         n = _field(body, "n", (int,), 1, lambda v: 1 <= v <= _MAX_N, f"an integer in [1, {_MAX_N}]")
         ids = [p for p in prompts for _ in range(n)]
@@ -152,16 +197,21 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         head = {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()),
                 "model": self.model_name}
         outcomes: list = []
-        with contextlib.closing(self.llm._events(ids, mode, sp, outcomes=outcomes)) as events:
+        with contextlib.closing(self.llm._events(ids, mode, sp, outcomes=outcomes,
+                                                 top_logprobs=top_logprobs)) as events:
             if self._streaming:
                 self._stream(head, kind + (".chunk" if mode == "chat" else ""), len(ids), events, outcomes, choice)
                 return
             texts = [""] * len(ids)
-            for row, delta in events:
+            scored = [[] if top_logprobs is not None else None for _ in ids]
+            for row, delta, s in events:
                 texts[row] += delta
+                if s is not None:
+                    scored[row].append(s)
         used = sum(k for _, k in outcomes)
         read = sum(map(len, prompts))  # as OpenAI counts: once per prompt, whatever n
-        self._json(200, {**head, "choices": [choice(i, t, f) for i, (t, (f, _)) in enumerate(zip(texts, outcomes))],
+        self._json(200, {**head, "choices": [choice(i, t, f, s) for i, (t, s, (f, _))
+                                             in enumerate(zip(texts, scored, outcomes))],
                          "usage": {"prompt_tokens": read, "completion_tokens": used, "total_tokens": read + used}})
 
     def _stream(self, head: dict, kind: str, rows: int, events: Iterator, outcomes: list, choice: Callable) -> None:
@@ -179,9 +229,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             for row in range(rows):
                 send({**head, "object": kind, "choices": [choice(row, "", None, first=True)]})
         try:
-            for row, delta in events:
-                if delta:
-                    send({**head, "object": kind, "choices": [choice(row, delta, None)]})
+            for row, delta, s in events:
+                if delta or s is not None:  # with logprobs, a chunk per token, even one whose text is held back
+                    send({**head, "object": kind, "choices": [choice(row, delta, None, None if s is None else [s])]})
         except (ValueError, RuntimeError) as e:  # the headers are sent: the error goes in the stream
             send({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
             return

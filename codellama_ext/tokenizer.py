@@ -347,6 +347,15 @@ class CodeLlamaTokenizer:
         leading space is removed."""
         return self._sp.decode(self._check_ids([i for i in _as_ids(ids, "decode_meta: ids") if i != -1]))
 
+    def piece_bytes(self, token_id: int) -> bytes:
+        """What one piece stands for on its own: a byte-fallback piece (<0xNN>) its byte, others their text with
+        '▁' as a space; control pieces (<s>, </s>, <EOT>, ...) their name."""
+        i = self._check_ids([token_id])[0]
+        piece = self._sp.id_to_piece(i)
+        if self._sp.is_byte(i):
+            return bytes([int(piece[3:-1], 16)])
+        return piece.replace("\u2581", " ").encode()
+
     def encode_infilling(self, s: str) -> list[int]:
         """Meta ``encode_infilling``: the tokens of ``s`` with no implicit leading space (as in mid-text)."""
         _check_text(s, "encode_infilling: s")
@@ -679,6 +688,7 @@ class IncrementalDetokenizer:
         self._prefix_offset = 0   # window start
         self._read_offset = 0     # ids whose text has been emitted
         self._emitted: list[str] = []
+        self.held = ""  # text of the ids fed but not yet emitted (an incomplete character: U+FFFD)
 
     def _decode_window(self, start: int, end: int) -> str:
         ids = self.ids[start:end]
@@ -702,7 +712,9 @@ class IncrementalDetokenizer:
             self._prefix_offset = self._read_offset
             self._read_offset = len(self.ids)
             self._emitted.append(delta)
+            self.held = ""
             return delta
+        self.held = new_text[len(prefix_text):]
         return ""
 
     def flush(self) -> str:
@@ -711,6 +723,7 @@ class IncrementalDetokenizer:
         new_text = self._decode_window(self._prefix_offset, len(self.ids))
         delta = new_text[len(prefix_text):]
         self._prefix_offset = self._read_offset = len(self.ids)
+        self.held = ""
         if delta:
             self._emitted.append(delta)
         return delta

@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from codellama_ext.server import make_server
+from codellama_ext.server import _token_text, make_server
 
 from test_api import COMPLETE, DIALOGS, INFILL, N, llm  # noqa: F401 (fixtures)
 from test_generation import folder, hf, spm_models  # noqa: F401  (the same module-scoped fixtures)
@@ -129,11 +129,64 @@ def test_n_choices_per_prompt(llm, url):
                        if c["choices"][0]["index"] == i) == reply
 
 
+def test_logprobs_equal_the_python_api(llm, url):
+    tok = llm.tokenizer
+    ids = tok.encode_meta(COMPLETE[0], True, False)
+    want = llm.generate([ids], max_new_tokens=N, logprobs=True, top_logprobs=2)[0]
+    body = {"prompt": COMPLETE[0], "max_tokens": N, "temperature": 0, "logprobs": 2}
+    choice = json.loads(post(url, "/v1/completions", body)[1])["choices"][0]
+    lp = choice["logprobs"]
+    assert lp["token_logprobs"] == pytest.approx(want.logprobs, abs=1e-5)
+    assert lp["tokens"] == [_token_text(tok.piece_bytes(t)) for t in want.tokens]
+    assert [list(d) for d in lp["top_logprobs"]] == [[_token_text(tok.piece_bytes(i)) for i, _ in t]
+                                                     for t in want.top_logprobs]
+    assert [v for d in lp["top_logprobs"] for v in d.values()] == pytest.approx(
+        [v for t in want.top_logprobs for _, v in t], abs=1e-5)
+    # Each token's text is in the choice's text at its offset (a completion drops the first one's leading space;
+    # this random model also picks lone bytes of multi-byte characters, which show as U+FFFD there).
+    pieces = [lp["tokens"][0].removeprefix(" ")] + lp["tokens"][1:]
+    assert lp["text_offset"] == sorted(lp["text_offset"])
+    for p, at in zip(pieces, lp["text_offset"]):
+        assert choice["text"][at:at + 1] == "\ufffd" if p.startswith("bytes:") else choice["text"][at:at + len(p)] == p
+    # Streamed: a chunk per token, whose logprobs add up to the whole.
+    chunks = events(post(url, "/v1/completions", {**body, "stream": True})[1])
+    parts = [c["choices"][0]["logprobs"] for c in chunks if c["choices"][0]["logprobs"]]
+    assert len(parts) == len(want.tokens) and {k: sum((p[k] for p in parts), []) for k in lp} == lp
+    # A stop string: the tokens up to the one that ended the text, as many as the usage counts.
+    status, text = post(url, "/v1/completions", {**body, "stop": ["by"], "prompt": COMPLETE[1]})
+    out = json.loads(text)
+    tokens = out["choices"][0]["logprobs"]["tokens"]
+    assert len(tokens) == out["usage"]["completion_tokens"] < N and "y" in tokens[-1]
+    # Chat: OpenAI's content entries, with bytes.
+    chat_ids = tok.chat_ids(DIALOGS[0])
+    want = llm.generate([chat_ids], max_new_tokens=N, logprobs=True, top_logprobs=3)[0]
+    body = {"messages": DIALOGS[0], "max_tokens": N, "temperature": 0, "logprobs": True, "top_logprobs": 3}
+    content = json.loads(post(url, "/v1/chat/completions", body)[1])["choices"][0]["logprobs"]["content"]
+    assert [c["logprob"] for c in content] == pytest.approx(want.logprobs, abs=1e-5)
+    assert [bytes(c["bytes"]) for c in content] == [tok.piece_bytes(t) for t in want.tokens]
+    assert [[bytes(a["bytes"]) for a in c["top_logprobs"]] for c in content] == [
+        [tok.piece_bytes(i) for i, _ in t] for t in want.top_logprobs]
+    plain = json.loads(post(url, "/v1/chat/completions", {**body, "logprobs": False, "top_logprobs": None})[1])
+    assert plain["choices"][0]["logprobs"] is None
+
+
+def test_token_text_writes_partial_characters_as_bytes():
+    assert _token_text(b" def") == " def" and _token_text("\u00e9".encode()) == "\u00e9"
+    assert _token_text(b"\xe2") == "bytes:\\xe2" and _token_text(b"\xf0\x9f") == "bytes:\\xf0\\x9f"
+
+
 @pytest.mark.parametrize("path,body,status,match", [
     ("/v1/completions", {"prompt": "x", "n": 0}, 400, r"n must be an integer in \[1, 128\]"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 1.5}, 400, "n must be"),
     ("/v1/completions", {"prompt": "x", "best_of": 2}, 400, r"best_of=2 is not supported .*\(only 1\)"),
-    ("/v1/completions", {"prompt": "x", "logprobs": 3}, 400, "logprobs=3 is not supported"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 6}, 400, r"logprobs must be an integer in \[0, 5\] or null"),
+    ("/v1/completions", {"prompt": "x", "echo": True}, 400, "echo=True is not supported"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400,
+     "top_logprobs needs logprobs: true"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": 1}, 400,
+     "logprobs must be a boolean"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True,
+                              "top_logprobs": 21}, 400, r"top_logprobs must be an integer in \[0, 20\]"),
     ("/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, "temperature must be a number >= 0"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens must be an integer >= 1"),
     ("/v1/completions", {"prompt": "x", "stream": "yes"}, 400, "stream must be a boolean"),

@@ -392,6 +392,26 @@ def test_out_of_range_ids(tok):
         tok.encode(123)
 
 
+def test_piece_bytes_concatenate_to_the_text(tok):
+    # Oracle: the text itself. SentencePiece's pieces of a text (its dummy-prefix space first) stand for its UTF-8
+    # bytes, byte-fallback pieces one byte each (here the characters no piece holds).
+    text = "def na\u00efve(x):\n\treturn '\u65e5\u672c' + \"\U0001f999\"  # \u00e9t\u00e9"
+    ids = tok.encode_meta(text, bos=False, eos=False)
+    assert b"".join(tok.piece_bytes(i) for i in ids) == (" " + text).encode()
+    assert any(tok._sp.is_byte(i) for i in ids)
+    assert tok.piece_bytes(tok.bos_id) == b"<s>" and tok.piece_bytes(tok.eos_id) == b"</s>"
+    with pytest.raises(ValueError, match="out of range"):
+        tok.piece_bytes(tok.vocab_size)
+
+
+def test_detokenizer_holds_incomplete_characters(tok):
+    e_acute = [tok._sp.piece_to_id(f"<0x{b:02X}>") for b in "\u00e9".encode()]
+    det = tok.detokenizer("infill")
+    assert det.add(e_acute[0]) == "" and det.held == "\ufffd"
+    assert det.add(e_acute[1]) == "\u00e9" and det.held == ""
+    assert det.add(e_acute[0]) == "" and det.flush() == "\ufffd" and det.held == ""
+
+
 def test_batch_call_str_suffix_applies_to_every_text(tok, hf_slow):
     """A str suffix with a list of texts is each text's suffix in HF slow; it used to be split into characters and
     zipped with the texts ("xy" -> "x" for the first text, "y" for the second)."""
