@@ -201,6 +201,11 @@ class Engine:
         # token count once it feeds more than a few (4 rows drafting 4 tokens each ran at 0.88x plain decoding on
         # 2 cores), so there the rows take turns; a GPU checks every row's draft for about a decode step's cost.
         self.drafts_per_forward: int | None = 1 if model.device.type == "cpu" else None
+        # While rows are decoding, at most this many prompt tokens are prefilled per step (None: whole prompts), so
+        # a long prompt arriving does not stall the streams beside it for its whole prefill; with nothing decoding
+        # a prompt is prefilled whole. About 1 s of prefill on a 2-core CPU at 1.1B (~18 ms per token), ~20 ms on
+        # an H100 at 7B.
+        self.prefill_chunk: int | None = 64 if model.device.type == "cpu" else 512
         self._writes_seen = model.cache_writes
         self._weights_seen = self._weights_version()
 
@@ -237,16 +242,17 @@ class Engine:
             version = self._weights_version()
             stale |= version != self._weights_seen
             self._weights_seen = version
-        if stale:
+        if stale:  # forgotten: those writes are accounted for
             self._held = [None] * len(self._held)
+            self._writes_seen = self.model.cache_writes
         return self._held
 
     def _wrote(self) -> None:
         self._writes_seen = self.model.cache_writes
 
-    def admit(self, prompts: list[list[int]], free: list[int]) -> tuple[torch.Tensor, list[int], list[int]]:
-        """Prefills `prompts` in one packed forward, each into the free slot (taken out of `free`) holding the
-        longest prefix of it, from the end of that prefix. -> last-token logits [k, V], slots, reused lengths."""
+    def place(self, prompts: list[list[int]], free: list[int]) -> tuple[list[int], list[int]]:
+        """Takes for each prompt the free slot (out of `free`) holding the longest prefix of it -> slots, and the
+        reused lengths: where each prompt's prefill starts (its last token is always fed)."""
         self.prepare()
         held = self._held_ids(check_weights=True)
         slots, starts = [], []
@@ -258,15 +264,23 @@ class Engine:
             held[best] = (held[best] or [])[:start]  # the prefill overwrites the rest
             slots.append(best)
             starts.append(start)
+        return slots, starts
+
+    def prefill(self, slots: list[int], prompts: list[list[int]], starts: list[int], ends: list[int]) -> torch.Tensor:
+        """Feeds prompts[i][starts[i]:ends[i]] to slots[i] at those positions, in one packed forward -> the logits
+        [k, V] of each one's last fed token."""
+        held = self._held_ids()
         dev = self.model.device
-        flat = torch.tensor([t for ids, st in zip(prompts, starts) for t in ids[st:]], dtype=torch.int64, device=dev)
-        cu = torch.tensor([0] + [len(ids) - st for ids, st in zip(prompts, starts)]).cumsum(0)
+        flat = torch.tensor([t for ids, a, b in zip(prompts, starts, ends) for t in ids[a:b]], dtype=torch.int64,
+                            device=dev)
+        cu = torch.tensor([0] + [b - a for a, b in zip(starts, ends)]).cumsum(0)
         logits = self.model.forward(flat, torch.tensor(starts), cu_seqlens=cu, slots=torch.tensor(slots),
                                     last_only=True)
         self._wrote()
-        for ids, s in zip(prompts, slots):
-            held[s] = list(ids)
-        return logits, slots, starts
+        for ids, s, b in zip(prompts, slots, ends):
+            if held[s] is not None:  # else forgotten since place(): the earlier positions are not vouched for
+                held[s] = list(ids[:b])
+        return logits
 
     def padding_slots(self, free: list[int]) -> list[int]:
         """Free slots in the order CUDA-graph padding rows overwrite their position 0: least held first."""
@@ -277,8 +291,10 @@ class Engine:
         """Logits [n, V] of one decode step for n rows. fed: (slot, id) of each row, on the host; pad_slots
         (device) = pads (host): cache slots no live row uses, as padding_slots orders them (CUDA padding)."""
         held = self._held_ids()
-        if self._graphs is not None:
-            bucket = next(b for b in self.buckets if b >= tok.numel())
+        bucket = next(b for b in self.buckets if b >= tok.numel())
+        # Padding rows need free slots: while prompts are being prefilled in parts (their slots are taken, not
+        # free) there may be too few, and that step runs eagerly.
+        if self._graphs is not None and bucket - tok.numel() <= len(pads):
             for s in pads[:bucket - tok.numel()]:
                 held[s] = []
             self.model.cache_writes += 1  # a replay bypasses decode_step
@@ -444,15 +460,36 @@ class Run:
             self._results[row].finish_reason = reason
 
     @torch.inference_mode()
-    def _admit(self, rows: list[int], free: list[int]) -> tuple[list[int], tuple[torch.Tensor, ...]]:
-        """Prefills the prompts of `rows` into slots taken from `free` (Engine.admit). Returns the slots and their
-        last-token logits [k, V], next positions [k], slots [k], seen masks [k, V] (prompt tokens count as seen,
-        as in HF's repetition penalty; None in a drafting run, which has no penalty)."""
+    def _prefill(self, filling: dict[int, int], slot_of: dict[int, int], chunk: int | None
+                 ) -> tuple[list[int], tuple[torch.Tensor, ...]]:
+        """Feeds the next part of the prompts being prefilled (filling: row -> next position, in arrival order):
+        all of each with chunk None, else at most `chunk` tokens in all, first come first. Returns the rows whose
+        prompts are now whole in the cache (they leave `filling`) and their last-token logits [k, V], next
+        positions [k], slots [k], seen masks [k, V] (prompt tokens count as seen, as in HF's repetition penalty;
+        None in a drafting run, which has no penalty)."""
         model = self.engine.model
         dev = model.device
-        logits, slots, starts = self.engine.admit([self.prompts[r] for r in rows], free)
-        for r, st in zip(rows, starts):
-            self._results[r].cached_tokens = st
+        rows, ends, room = [], [], chunk
+        for r, at in filling.items():
+            if room is not None and room <= 0:
+                break
+            end = len(self.prompts[r]) if room is None else min(len(self.prompts[r]), at + room)
+            rows.append(r)
+            ends.append(end)
+            room = None if room is None else room - (end - at)
+        logits = self.engine.prefill([slot_of[r] for r in rows], [self.prompts[r] for r in rows],
+                                     [filling[r] for r in rows], ends)
+        whole = [j for j, (r, end) in enumerate(zip(rows, ends)) if end == len(self.prompts[r])]
+        for r, end in zip(rows, ends):
+            filling[r] = end
+        rows = [rows[j] for j in whole]
+        for r in rows:
+            del filling[r]
+        if not rows:
+            return [], ()
+        if len(whole) < len(ends):
+            logits = logits[torch.tensor(whole, dtype=torch.int64, device=dev)]
+        slots = [slot_of[r] for r in rows]
         lens = [len(self.prompts[r]) for r in rows]
         seen = None
         if not self.lookup:
@@ -460,8 +497,8 @@ class Run:
             flat = torch.tensor([t for r in rows for t in self.prompts[r]], dtype=torch.int64, device=dev)
             seen[torch.repeat_interleave(torch.arange(len(rows), device=dev), torch.tensor(lens, device=dev)),
                  flat] = True
-        return slots, (logits, torch.tensor(lens, dtype=torch.int32, device=dev),
-                       torch.tensor(slots, dtype=torch.int32, device=dev), seen)
+        return rows, (logits, torch.tensor(lens, dtype=torch.int32, device=dev),
+                      torch.tensor(slots, dtype=torch.int32, device=dev), seen)
 
     def _row_args(self, rows: list[int]) -> tuple[torch.Tensor, ...]:
         """Per-row repetition penalty [n, 1], greedy mask [n], temperature / top-k / top-p [n] of `rows`, on the
@@ -615,6 +652,7 @@ class Run:
         pending: dict[int, list[tuple[int, tuple | None]]] = {}  # drafting run: row -> its next tokens
         free = list(range(model.max_batch_size))[::-1]
         live: list[int] = []  # rows, in the order of the rows of logits / tok / pos / slot / seen / args
+        filling: dict[int, int] = {}  # rows with a slot whose prompt is not yet whole in it -> next position to feed
         slot_of: dict[int, int] = {}
         pad_slots = None  # free slots on the device, rebuilt only when `free` changes (no per-step copy)
         args = None  # _row_args of the live rows, rebuilt only when they change
@@ -625,22 +663,34 @@ class Run:
             seen = None if self.lookup else torch.empty(0, model.args.vocab_size, dtype=torch.bool, device=dev)
         while True:
             queue[:] = [r for r in queue if not self._done[r]]  # finished while queued (a closed call): no prefill
+            for r in [r for r in filling if self._done[r]]:  # finished while being prefilled: its slot is free
+                del filling[r]
+                free.append(slot_of[r])
+                pad_slots = None
             if self._released:  # forget released rows that have left the batch
-                gone = self._released.difference(live, queue)
+                gone = self._released.difference(live, queue, filling)
                 for r in gone:
                     for d in (self.prompts, self._results, self._done, self._params, self._stop_ids, self._top,
                               self._budget, self._generator, self._lookup_misses, self._lookup_wait, self._ngrams,
                               slot_of, pending):
                         d.pop(r, None)
                 self._released -= gone
-            if not live and not queue:
+            if not live and not queue and not filling:
                 return
             if queue and free:
-                new = queue[:len(free)]
+                placed = queue[:len(free)]
                 del queue[:len(free)]
-                new_slots, parts = self._admit(new, free)
-                slot_of.update(zip(new, new_slots))
-                pad_slots = args = None
+                slots, starts = self.engine.place([self.prompts[r] for r in placed], free)
+                slot_of.update(zip(placed, slots))
+                for r, st in zip(placed, starts):
+                    self._results[r].cached_tokens = st
+                    filling[r] = st
+                pad_slots = None
+            new = []
+            if filling:  # with nothing decoding, nothing waits: whole prompts
+                new, parts = self._prefill(filling, slot_of, self.engine.prefill_chunk if live else None)
+            if new:
+                args = None
                 live += new
                 if self.lookup:  # the new rows' first tokens
                     tok, scores = self._choose(parts[0], None, new, None)
@@ -672,7 +722,7 @@ class Run:
             yield step  # the consumer may finish rows here (stop strings) and add prompts
             keep = [j for j, r in enumerate(live) if not self._done[r]]
             fed = [(slot_of[live[j]], ids[j]) for j in keep]
-            if not keep and not queue:
+            if not keep and not queue and not filling:
                 return
             with torch.inference_mode():
                 if len(keep) < len(live):  # finished rows leave the decode batch and free their slots

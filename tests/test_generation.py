@@ -279,6 +279,30 @@ def test_rows_added_between_steps_equal_their_own_runs(folder):
         assert run.results[rows[1]].accepted_drafts == 0
 
 
+def test_long_prompts_are_prefilled_in_parts_between_decode_steps(folder):
+    """A prompt added while rows decode is prefilled at most prefill_chunk tokens per step: the decoding rows get a
+    token every step meanwhile, and every row's tokens equal its own run's."""
+    engine = Engine(load_model(folder, dtype=torch.float32, max_seq_len=96, max_batch_size=3), prefix_cache=False)
+    engine.prefill_chunk = 4
+    short, long_a, long_b = random_prompts(1)[0][:5], [1] + list(range(40, 70)), [1] + list(range(300, 317))
+    sp = SamplingParams(max_new_tokens=24)
+    alone = [engine.generate([p], sp, [])[0].tokens for p in (short, long_a, long_b)]
+    run = engine.run([short], sp, [])
+    steps = []
+    for i, step in enumerate(run):
+        steps.append(dict(step))
+        if i == 1:
+            rows = run.add([long_a, long_b], sp, [])
+    assert [run.results[r].tokens for r in [0] + rows] == alone
+    # 31 + 18 prompt tokens at 4 per step from step 2 (first come first): long_a's end in step 9, long_b's in 14
+    first = [next(i for i, s in enumerate(steps) if r in s) for r in rows]
+    assert first == [9, 14]
+    assert all(0 in s for s in steps[:len(alone[0])])  # the short row never waited
+    # with nothing decoding, a prompt is prefilled whole: its first token comes at the first step
+    run = engine.run([long_a], sp, [])
+    assert next(iter(run)) == [(0, alone[1][0])]
+
+
 def test_abandoned_run_leaves_engine_usable(engine, expected):
     run = engine.run(random_prompts(3), SamplingParams(max_new_tokens=N_NEW), [EOS])
     next(iter(run))
@@ -340,6 +364,8 @@ def test_prefix_records_forgotten_when_others_write_the_cache(folder, expected):
         other_write(engine.model)
         res = engine.generate([p], sp, [EOS])[0]
         assert (res.cached_tokens, res.tokens) == (0, ref)
+        res = engine.generate([p], sp, [EOS])[0]  # and recorded anew
+        assert (res.cached_tokens, res.tokens) == (len(p) - 1, ref)
     off = Engine(engine.model, prefix_cache=False)
     assert [(r.cached_tokens, r.tokens) for r in (off.generate([p], sp, [EOS])[0] for _ in range(2))] == [(0, ref)] * 2
 
@@ -393,14 +419,17 @@ def test_prefix_reuse_equals_no_reuse_over_random_calls(folder):
     """Seeded random call sequences (resent prompts, prompts extended by their outputs, cut, edited or grown to
     the window end, repeated within a batch, batches larger than the cache), with stop ids and budgets that end
     rows at different steps, rows finished by the consumer, abandoned runs, a repetition penalty, prompt lookup,
-    logprobs and the padded CUDA-graph step (emulated on the CPU): the same ids as an engine that prefills every
-    prompt whole."""
+    logprobs, the padded CUDA-graph step (emulated on the CPU) and prompts arriving while others decode: the same
+    ids as an engine that prefills every prompt whole."""
     from codellama_ext.generation import _DecodeGraph
     reused = 0
     for seed, slots, padded in ((1, 3, False), (4, 4, True)):
         rng = random.Random(seed)
         on, off = (Engine(load_model(folder, dtype=torch.float32, max_seq_len=64, max_batch_size=slots),
                           prefix_cache=cache) for cache in (True, False))
+        # whole prompts in both: a prompt prefilled in parts reaches its first token later the more it must feed,
+        # so rows cut at a step (finished, abandoned) would differ; test_prefill_in_parts_... covers parts
+        on.prefill_chunk = off.prefill_chunk = None
         if padded:
             on._graphs = {b: _DecodeGraph(on.model, b, None, capture=False) for b in on.buckets}
         history = [[1, 5, 6]]
@@ -417,22 +446,70 @@ def test_prefix_reuse_equals_no_reuse_over_random_calls(folder):
                                 prompt_lookup=rng.choice([0, 3]) if penalty == 1 else 0)
             stops, logprobs = rng.choice([[], [EOS], [EOS, 110, 893]]), rng.random() < 0.3
             abandon, finish = rng.choice([None, None, 1, 4]), (rng.randrange(4), rng.randrange(len(prompts)))
-            results = []
+            late = rng.choice([None, 0, 1, 2])  # after this step, prompts arrive while the others decode
+            late_prompts = [rng.choice(history)[:rng.choice([63, 40, 20])] for _ in range(rng.choice([1, 2]))]
+            results, added = [], []
             for engine in (on, off):
                 run = engine.run(prompts, sp, stops, logprobs)
                 for step, _ in enumerate(run):
+                    if step == late:
+                        run.add(late_prompts, sp, stops, logprobs)
                     if step == finish[0]:
                         run.finish(finish[1])
                     if step + 1 == abandon:
                         run.close()
                 results.append(run.results)
-            for p, a, b in zip(prompts, *results):
+                added.append(len(run.results) > len(prompts))
+            assert added[0] == added[1]
+            for p, a, b in zip(prompts + late_prompts * added[0], *results):
                 assert (a.tokens, a.finish_reason) == (b.tokens, b.finish_reason)
                 if logprobs:
                     assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
                 reused += a.cached_tokens
                 history += [p, p + a.tokens]
     assert reused > 200
+
+
+def test_prefill_in_parts_equals_whole_over_random_calls(folder):
+    """Prompts arriving while others decode, prefilled a few tokens per step (prefix reuse on, so parts start
+    anywhere; with the padded CUDA-graph step emulated, which at times finds too few free slots and runs eagerly),
+    with greedy, penalised, seeded-sampling and drafting rows: the same ids as an engine that prefills every prompt
+    whole and reuses nothing."""
+    from codellama_ext.generation import _DecodeGraph
+    fed = []
+    for seed, slots, padded, chunk in ((2, 3, False, 2), (5, 4, True, 5)):
+        rng = random.Random(seed)
+        parts, whole = (Engine(load_model(folder, dtype=torch.float32, max_seq_len=64, max_batch_size=slots),
+                               prefix_cache=cache) for cache in (True, False))
+        parts.prefill_chunk, whole.prefill_chunk = chunk, None
+        if padded:
+            parts._graphs = {b: _DecodeGraph(parts.model, b, None, capture=False) for b in parts.buckets}
+        prefill = parts.prefill
+        parts.prefill = lambda *a: fed.append(sum(end < len(p) for p, end in zip(a[1], a[3]))) or prefill(*a)
+        history = [[1] + [rng.randrange(3, 1200) for _ in range(50)]]
+        for _ in range(8):
+            def prompts():
+                return [rng.choice(history)[:rng.randrange(1, 60)] + [rng.randrange(3, 1200)]
+                        for _ in range(rng.choice([1, 2, slots + 1]))]
+            kind = rng.random()
+            sp = (SamplingParams(max_new_tokens=rng.randrange(2, 12)) if kind < 0.3 else
+                  SamplingParams(max_new_tokens=8, repetition_penalty=1.3) if kind < 0.5 else
+                  SamplingParams(max_new_tokens=8, temperature=0.9, seed=rng.randrange(99)) if kind < 0.8 else
+                  SamplingParams(max_new_tokens=10, prompt_lookup=3))
+            first, later = prompts(), {rng.randrange(4): prompts() for _ in range(rng.choice([1, 2]))}
+            stops = rng.choice([[], [EOS, 110, 893]])
+            results = []
+            for engine in (parts, whole):
+                run = engine.run(first, sp, stops)
+                for step, _ in enumerate(run):
+                    if step in later:
+                        run.add(later[step], sp, stops)
+                results.append(run.results)
+            assert len(results[0]) == len(results[1]) > len(first)
+            for a, b in zip(*results):
+                assert (a.tokens, a.finish_reason) == (b.tokens, b.finish_reason)
+                history.append((history[0] + a.tokens)[:60])
+    assert sum(fed) > 30  # prompts fed in part
 
 
 def test_prompt_lookup_equals_greedy(folder, hf):
