@@ -203,9 +203,11 @@ class Engine:
         self.drafts_per_forward: int | None = 1 if model.device.type == "cpu" else None
         # While rows are decoding, at most this many prompt tokens are prefilled per step (None: whole prompts), so
         # a long prompt arriving does not stall the streams beside it for its whole prefill; with nothing decoding
-        # a prompt is prefilled whole. About 1 s of prefill on a 2-core CPU at 1.1B (~18 ms per token), ~20 ms on
-        # an H100 at 7B.
-        self.prefill_chunk: int | None = 64 if model.device.type == "cpu" else 512
+        # a prompt is prefilled whole. 2-core CPU, 1.1B bf16, a 512-token prompt joining a stream
+        # (tools/bench_prefill_chunks.py): the stream's worst gap 7.9 s whole, 0.83 s at 32 (its first token 1.56x
+        # later; 64 rows take the fp32-block GEMM, whose conversion costs more per part: 2.1 s, 1.84x). GPU: ~20 ms
+        # per part at 7B on an H100 by FLOPs (not measured).
+        self.prefill_chunk: int | None = 32 if model.device.type == "cpu" else 512
         self._writes_seen = model.cache_writes
         self._weights_seen = self._weights_version()
 

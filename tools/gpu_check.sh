@@ -5,11 +5,12 @@
 # run. Logs land in $OUT (the device tool's folder) or build/gpu-check.
 #   bash tools/gpu_check.sh                    # all stages: build, tests, bench, gen (the env is always printed)
 #   STAGES="build tests bench" bash tools/gpu_check.sh; STAGES=gen bash tools/gpu_check.sh   # in two calls
-# A device call may run 600 s: with the default stage limits (240 + 150 + 120 + 240 + 3 x 90 s) all four stages can
-# overrun it, so use two calls on the same warm machine (the in-place build stays between calls).
+# A device call may run 600 s: with the default stage limits (240 + 150 + 120 + 240 + 3 x 90 + 60 s) all four stages
+# can overrun it, so use two calls on the same warm machine (the in-place build stays between calls).
 # The generation bench (gen) writes a random 7B-shaped checkpoint (13.5 GB fp16) into $GEN_WORKDIR (/tmp/bg),
-# then times prompt lookup on the embedded default model (one row, then batches of 4) and concurrent clients
-# (tools/bench_concurrency.py, 1.1B-shaped fp16).
+# then times prompt lookup on the embedded default model (one row, then batches of 4), concurrent clients
+# (tools/bench_concurrency.py, 1.1B-shaped fp16) and a 4096-token prompt joining a stream in parts
+# (tools/bench_prefill_chunks.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/build/gpu-check}"
@@ -66,5 +67,7 @@ if stage gen; then
     | tee -a "$OUT/bench_prompt_lookup.log"
   timeout "${CONC_S:-90}" "$PY" tools/bench_concurrency.py --device cuda --dtype float16 --clients 4 8 \
     --new-tokens 64 2>&1 | tee "$OUT/bench_concurrency.log"
+  timeout "${CHUNK_S:-60}" "$PY" tools/bench_prefill_chunks.py --device cuda --dtype float16 --long 4096 \
+    --new-tokens 64 --chunks 256 512 1024 2>&1 | tee "$OUT/bench_prefill_chunks.log"
   echo "prompt-lookup bench took $(( $(date +%s) - start )) s"
 fi
