@@ -5,7 +5,9 @@ batch are prefilled in one packed forward (each in its own cache slot), then one
 last token of every live row. Rows finish independently (a stop id, their token budget, the end of the context
 window, or `Run.finish` from the text layer for stop strings); finished rows leave the decode batch, so a greedy
 row's tokens do not depend on the rows beside it. More prompts than max_batch_size: the rest wait in a queue and
-take the cache slots of finished rows (continuous batching).
+take the cache slots of finished rows (continuous batching). A prompt that takes a slot while other rows decode is
+prefilled in parts (Engine.prefill_chunk tokens per step, the decoding rows' step in the same forward), so it does
+not stall them for its whole prefill.
 
 Prefix reuse: the engine records which ids each cache slot holds (a prompt, then every token fed back), and a new
 prompt takes the free slot holding the longest prefix of it and is prefilled from there (its last token always,
@@ -16,7 +18,8 @@ place (tensor version counters: load_weight, load_state_dict; a write through `.
 
 Sampling stays on the device (ops.argmax / ops.sample); the only host synchronisation per step is one `.tolist()`
 of the new ids, which the stop checks need. On CUDA the decode step is captured once per batch-size bucket in a
-CUDA graph (static token / position / slot buffers) and replayed; elsewhere it runs eagerly.
+CUDA graph (static token / position / slot buffers) and replayed (not a step fed with a prompt part); elsewhere it
+runs eagerly.
 """
 
 from __future__ import annotations
@@ -204,9 +207,9 @@ class Engine:
         # While rows are decoding, at most this many prompt tokens are prefilled per step (None: whole prompts), so
         # a long prompt arriving does not stall the streams beside it for its whole prefill; with nothing decoding
         # a prompt is prefilled whole. 2-core CPU, 1.1B bf16, a 512-token prompt joining a stream
-        # (tools/bench_prefill_chunks.py): the stream's worst gap 7.9 s whole, 0.83 s at 32 (its first token 1.56x
-        # later; 64 rows take the fp32-block GEMM, whose conversion costs more per part: 2.1 s, 1.84x). GPU: ~20 ms
-        # per part at 7B on an H100 by FLOPs (not measured).
+        # (tools/bench_prefill_chunks.py): the stream's worst gap 7.4 s whole, 0.82 s at 32 (the prompt's first
+        # token 1.5x later); above 48 rows a part takes the fp32-block GEMM, whose conversion costs more per part
+        # (64: 1.8 s, 1.7x). GPU: ~20 ms per part at 7B on an H100 by FLOPs (not measured).
         self.prefill_chunk: int | None = 32 if model.device.type == "cpu" else 512
         self._writes_seen = model.cache_writes
         self._weights_seen = self._weights_version()
@@ -462,13 +465,15 @@ class Run:
             self._results[row].finish_reason = reason
 
     @torch.inference_mode()
-    def _prefill(self, filling: dict[int, int], slot_of: dict[int, int], chunk: int | None
-                 ) -> tuple[list[int], tuple[torch.Tensor, ...]]:
+    def _prefill(self, filling: dict[int, int], slot_of: dict[int, int], chunk: int | None,
+                 decoding: list[int]) -> tuple[torch.Tensor | None, list[int], tuple[torch.Tensor, ...]]:
         """Feeds the next part of the prompts being prefilled (filling: row -> next position, in arrival order):
-        all of each with chunk None, else at most `chunk` tokens in all, first come first. Returns the rows whose
-        prompts are now whole in the cache (they leave `filling`) and their last-token logits [k, V], next
-        positions [k], slots [k], seen masks [k, V] (prompt tokens count as seen, as in HF's repetition penalty;
-        None in a drafting run, which has no penalty)."""
+        all of each with chunk None, else at most `chunk` tokens in all, first come first; in the same forward,
+        the last token of each of the `decoding` rows (their decode step: one reading of the weights for both).
+        Returns the decoding rows' logits [d, V] (None without any), the rows whose prompts are now whole in the
+        cache (they leave `filling`) and their last-token logits [k, V], next positions [k], slots [k], seen masks
+        [k, V] (prompt tokens count as seen, as in HF's repetition penalty; None in a drafting run, which has no
+        penalty)."""
         model = self.engine.model
         dev = model.device
         rows, ends, room = [], [], chunk
@@ -479,8 +484,11 @@ class Run:
             rows.append(r)
             ends.append(end)
             room = None if room is None else room - (end - at)
-        logits = self.engine.prefill([slot_of[r] for r in rows], [self.prompts[r] for r in rows],
-                                     [filling[r] for r in rows], ends)
+        texts = [self.prompts[r] + self._results[r].tokens for r in decoding]
+        logits = self.engine.prefill([slot_of[r] for r in decoding + rows], texts + [self.prompts[r] for r in rows],
+                                     [len(t) - 1 for t in texts] + [filling[r] for r in rows],
+                                     [len(t) for t in texts] + ends)
+        decoded, logits = (logits[:len(texts)], logits[len(texts):]) if texts else (None, logits)
         whole = [j for j, (r, end) in enumerate(zip(rows, ends)) if end == len(self.prompts[r])]
         for r, end in zip(rows, ends):
             filling[r] = end
@@ -488,7 +496,7 @@ class Run:
         for r in rows:
             del filling[r]
         if not rows:
-            return [], ()
+            return decoded, [], ()
         if len(whole) < len(ends):
             logits = logits[torch.tensor(whole, dtype=torch.int64, device=dev)]
         slots = [slot_of[r] for r in rows]
@@ -499,8 +507,8 @@ class Run:
             flat = torch.tensor([t for r in rows for t in self.prompts[r]], dtype=torch.int64, device=dev)
             seen[torch.repeat_interleave(torch.arange(len(rows), device=dev), torch.tensor(lens, device=dev)),
                  flat] = True
-        return rows, (logits, torch.tensor(lens, dtype=torch.int32, device=dev),
-                      torch.tensor(slots, dtype=torch.int32, device=dev), seen)
+        return decoded, rows, (logits, torch.tensor(lens, dtype=torch.int32, device=dev),
+                               torch.tensor(slots, dtype=torch.int32, device=dev), seen)
 
     def _row_args(self, rows: list[int]) -> tuple[torch.Tensor, ...]:
         """Per-row repetition penalty [n, 1], greedy mask [n], temperature / top-k / top-p [n] of `rows`, on the
@@ -658,17 +666,13 @@ class Run:
         slot_of: dict[int, int] = {}
         pad_slots = None  # free slots on the device, rebuilt only when `free` changes (no per-step copy)
         args = None  # _row_args of the live rows, rebuilt only when they change
+        fuse = False  # the live rows' last tokens are fed with the next prompt part (at the top of the loop)
         with torch.inference_mode():
             logits = torch.empty(0, model.args.vocab_size, dtype=torch.float32, device=dev)
             pos = torch.empty(0, dtype=torch.int32, device=dev)
             slot = torch.empty(0, dtype=torch.int32, device=dev)
             seen = None if self.lookup else torch.empty(0, model.args.vocab_size, dtype=torch.bool, device=dev)
         while True:
-            queue[:] = [r for r in queue if not self._done[r]]  # finished while queued (a closed call): no prefill
-            for r in [r for r in filling if self._done[r]]:  # finished while being prefilled: its slot is free
-                del filling[r]
-                free.append(slot_of[r])
-                pad_slots = None
             if self._released:  # forget released rows that have left the batch
                 gone = self._released.difference(live, queue, filling)
                 for r in gone:
@@ -690,7 +694,10 @@ class Run:
                 pad_slots = None
             new = []
             if filling:  # with nothing decoding, nothing waits: whole prompts
-                new, parts = self._prefill(filling, slot_of, self.engine.prefill_chunk if live else None)
+                decoded, new, parts = self._prefill(filling, slot_of, self.engine.prefill_chunk if live else None,
+                                                    live if fuse else [])
+                if fuse:
+                    logits, fuse = decoded, False
             if new:
                 args = None
                 live += new
@@ -722,6 +729,11 @@ class Run:
                 if len(res.tokens) >= self._budget[r]:
                     self.finish(r, "length")
             yield step  # the consumer may finish rows here (stop strings) and add prompts
+            queue[:] = [r for r in queue if not self._done[r]]  # finished while queued (a closed call): no prefill
+            for r in [r for r in filling if self._done[r]]:  # finished while being prefilled: its slot is free
+                del filling[r]
+                free.append(slot_of[r])
+                pad_slots = None
             keep = [j for j, r in enumerate(live) if not self._done[r]]
             fed = [(slot_of[live[j]], ids[j]) for j in keep]
             if not keep and not queue and not filling:
@@ -738,6 +750,9 @@ class Run:
                     starved = [r for r in live if not pending[r]]
                     if starved:
                         pending.update(self._lookup_step(starved, slot_of, free))
+                elif live and (filling or queue and free):  # a prompt is fed at the top: decode with it
+                    fuse = True
+                    pos += 1
                 elif live:
                     if pad_slots is None:  # padding rows of a CUDA graph bucket write position 0 of these
                         pads = self.engine.padding_slots(free)
