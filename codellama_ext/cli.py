@@ -540,6 +540,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--port", type=_non_negative_int, default=8000, help="port (default 8000; 0: any free one)")
     p.add_argument("--max-batch-size", "--max_batch_size", dest="max_batch_size", type=_positive_int, default=8,
                    help="requests decoded together; more wait for a free slot (default 8)")
+    p.add_argument("--prefill-chunk", "--prefill_chunk", dest="prefill_chunk", type=_non_negative_int, default=None,
+                   help="prompt tokens prefilled per step while other requests decode (default 32 on a CPU, 512 on "
+                        "a GPU; 0: whole prompts, which stalls the other streams for a long prompt's prefill)")
     p.add_argument("--name", default=None, help="the model name in responses (default: the folder's name)")
     p.add_argument("--quiet", action="store_true", help="no access log on stderr")
     p.set_defaults(func=_run_serve)
@@ -548,11 +551,15 @@ def _add_serve(sub) -> None:
 def _run_serve(ns) -> int:
     from .server import make_server
     llm = _load(ns, max_batch_size=ns.max_batch_size)
+    if ns.prefill_chunk is not None:
+        llm.engine.prefill_chunk = ns.prefill_chunk or None
     name = ns.name or (os.path.basename(os.path.normpath(ns.model)) if ns.model else "codellama-ext-default")
     server = make_server(llm, ns.host, ns.port, name, log=not ns.quiet)
     host, port = server.server_address[:2]
-    print(f"{PROG}: serving {name} on http://{host}:{port} (POST /v1/completions, /v1/chat/completions)",
-          file=sys.stderr, flush=True)
+    chunk = llm.engine.prefill_chunk
+    print(f"{PROG}: serving {name} on http://{host}:{port} (POST /v1/completions, /v1/chat/completions; a prompt "
+          f"joining others is prefilled {f'{chunk} tokens per step' if chunk else 'whole'})", file=sys.stderr,
+          flush=True)
     with server:
         server.serve_forever()
     return 0

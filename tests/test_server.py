@@ -247,10 +247,11 @@ def test_serve_command(folder):
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen([sys.executable, "-m", "codellama_ext.cli", "serve", "--model", str(folder), "--port",
                              "0", "--device", "cpu", "--dtype", "float32", "--max-seq-len", "64", "--quiet",
-                             "--name", "toy-cli"], stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+                             "--name", "toy-cli", "--prefill-chunk", "3"], stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=ROOT)
     try:
         line = proc.stderr.readline()
-        m = re.search(r"serving toy-cli on (http://[\d.]+:\d+)", line)
+        m = re.search(r"serving toy-cli on (http://[\d.]+:\d+) .* prefilled 3 tokens per step", line)
         assert m, line
         status, text = post(m.group(1), "/v1/completions", {"prompt": COMPLETE[0], "max_tokens": 4, "temperature": 0})
         assert status == 200 and json.loads(text)["model"] == "toy-cli"
