@@ -60,6 +60,7 @@ def test_kv_cache_append_writes_exactly_the_target_rows(device, dtype):
     ((17,), (0,), (0,)),
     ((130,), (5,), (1,)),  # continuation after a cached prefix of 5 tokens
     ((1, 64, 17), (0, 20, 3), (2, 0, 1)),
+    ((1, 1, 40), (90, 7, 33), (0, 2, 1)),  # decode rows' tokens packed with a prompt part (generation.Run)
 ])
 def test_attention_prefill_matches_reference(device, dtype, d, heads, lens, starts, slots):
     hq, hkv = heads
