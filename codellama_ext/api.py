@@ -45,8 +45,9 @@ _MODES = ("complete", "infill", "chat")
 
 class Scored(NamedTuple):
     """A generated token with its log-probability, the most likely alternatives (id, log-probability) and where
-    its text starts in the generated text: the length of the text of the tokens before it (an incomplete character
-    there counts as its U+FFFD)."""
+    its text starts in the generated text: the length of the text of the tokens before it (a byte of a multi-byte
+    character starts where the character does; a byte that ends up in no character counts as a U+FFFD), at most the
+    length of the text a stop string cut."""
 
     id: int
     logprob: float
@@ -289,13 +290,14 @@ class CodeLlama:
             for step in call:
                 for r, t in step:
                     row, res = rows[r], results[r]
-                    counted, offset = row.tokens, len(row.text) + len(row.detok.held)
+                    counted, offset = row.tokens, len(row.text) + row.detok.lead_in(t)
                     if row.add(t):
                         call.finish(r)
                     scored = None
                     if top_logprobs is not None and row.tokens > counted:  # the k-th token of the row: index k
+                        # the token that completed a stop string may start after where the text was cut
                         scored = Scored(t, res.logprobs[counted], res.top_logprobs[counted] if top_logprobs else [],
-                                        offset)
+                                        min(offset, len(row.text)))
                     yield r, row.delta(final=False), scored
             for r, row in enumerate(rows):
                 row.close()

@@ -717,6 +717,24 @@ class IncrementalDetokenizer:
         self.held = new_text[len(prefix_text):]
         return ""
 
+    def lead_in(self, token_id: int) -> int:
+        """How much of `held` comes before the text of token_id, fed next: all of it, but for a byte that continues
+        an incomplete character, which starts where that character does (SentencePiece writes each of its bytes
+        as a U+FFFD until it is whole, then the whole character as one)."""
+        sp = self.tok._sp
+        if not (sp.is_byte(token_id) and 0x80 <= self.tok.piece_bytes(token_id)[0] < 0xC0):
+            return len(self.held)
+        for k in range(1, min(3, len(self.ids)) + 1):
+            i = self.ids[-k]
+            if not sp.is_byte(i):
+                break
+            b = self.tok.piece_bytes(i)[0]
+            if 0xC0 <= b:  # the lead byte: a character of 2, 3 or 4 bytes, k of them fed
+                return len(self.held) - k if k < 2 + (b >= 0xE0) + (b >= 0xF0) else len(self.held)
+            if b < 0x80:
+                break
+        return len(self.held)
+
     def flush(self) -> str:
         """Returns any held-back text (call once generation ends)."""
         prefix_text = self._decode_window(self._prefix_offset, self._read_offset)

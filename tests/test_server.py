@@ -170,6 +170,36 @@ def test_logprobs_equal_the_python_api(llm, url):
     assert plain["choices"][0]["logprobs"] is None
 
 
+def test_text_offsets_of_multi_byte_characters_and_stop_strings(llm, url, monkeypatch):
+    """The model's tokens are set here (a stand-in for the batcher's call): the bytes of a character all start
+    where it does (were: each counted as a U+FFFD, 0 1 2 3 2 for x + the 3 bytes of \u65e5 + x), and the token that
+    completes a stop string starts at most at the text's end (was: after it)."""
+    from codellama_ext.generation import GenerationResult
+    tok = llm.tokenizer
+    x, ret, value = tok.encode_infilling("x") + tok.encode_infilling("return value")
+    hi = [tok._sp.piece_to_id(f"<0x{b:02X}>") for b in "\u65e5".encode()]
+
+    class Tokens:  # the call: one row, one token a step
+        def __init__(self, ids):
+            self.ids = ids
+            self.results = [GenerationResult(ids, [-1.0] * len(ids), [[] for _ in ids])]
+
+        def __iter__(self):
+            return iter([[(0, t)] for t in self.ids])
+
+        def finish(self, row):
+            pass
+
+        def close(self):
+            pass
+    for ids, stop, text, offsets in (([x, *hi, x], [], "x\u65e5x", [0, 1, 1, 1, 2]),
+                                     ([*hi, *hi], [], "\u65e5\u65e5", [0, 0, 0, 1, 1, 1]),
+                                     ([x, ret, value, x], ["n v"], "xretur", [0, 1, 6])):
+        monkeypatch.setattr(llm._batcher, "submit", lambda *a, ids=ids, **k: Tokens(ids))
+        choice = json.loads(post(url, "/v1/completions", {"prompt": "a", "logprobs": 0, "stop": stop})[1])["choices"][0]
+        assert (choice["text"], choice["logprobs"]["text_offset"]) == (text, offsets)
+
+
 def test_token_text_writes_partial_characters_as_bytes():
     assert _token_text(b" def") == " def" and _token_text("\u00e9".encode()) == "\u00e9"
     assert _token_text(b"\xe2") == "bytes:\\xe2" and _token_text(b"\xf0\x9f") == "bytes:\\xf0\\x9f"
