@@ -672,6 +672,9 @@ class Run:
             pos = torch.empty(0, dtype=torch.int32, device=dev)
             slot = torch.empty(0, dtype=torch.int32, device=dev)
             seen = None if self.lookup else torch.empty(0, model.args.vocab_size, dtype=torch.bool, device=dev)
+        # Rows end from outside between steps; those ended before the first one are dropped here, the rest after
+        # each step's yield.
+        queue[:] = [r for r in queue if not self._done[r]]
         while True:
             if self._released:  # forget released rows that have left the batch
                 gone = self._released.difference(live, queue, filling)

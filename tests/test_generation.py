@@ -279,6 +279,17 @@ def test_rows_added_between_steps_equal_their_own_runs(folder):
         assert run.results[rows[1]].accepted_drafts == 0
 
 
+def test_rows_finished_before_the_first_step_are_not_prefilled(engine, expected):
+    """Was: a row finished before the run's first step was prefilled anyway and got a token."""
+    w = engine.model.cache_writes
+    run = engine.run(random_prompts(2), SamplingParams(max_new_tokens=N_NEW), [EOS])
+    run.finish(0)
+    assert next(iter(run)) == [(1, expected[1][0][0])]
+    assert (run.results[0].tokens, run.results[0].finish_reason) == ([], "stop")
+    run.close()
+    assert engine.model.cache_writes - w == 1  # one prefill, of prompt 1 alone
+
+
 def test_long_prompts_are_prefilled_in_parts_between_decode_steps(folder):
     """A prompt added while rows decode is prefilled at most prefill_chunk tokens per step: the decoding rows get a
     token every step meanwhile, and every row's tokens equal its own run's."""
