@@ -349,11 +349,14 @@ class CodeLlamaTokenizer:
 
     def piece_bytes(self, token_id: int) -> bytes:
         """What one piece stands for on its own: a byte-fallback piece (<0xNN>) its byte, others their text with
-        '▁' as a space; control pieces (<s>, </s>, <EOT>, ...) their name."""
+        '▁' as a space; control pieces (<s>, </s>, <EOT>, ...) their name; <unk> what decoding writes for it
+        (" ⁇ ")."""
         i = self._check_ids([token_id])[0]
         piece = self._sp.id_to_piece(i)
         if self._sp.is_byte(i):
             return bytes([int(piece[3:-1], 16)])
+        if self._sp.is_unknown(i):
+            return self._sp.decode([i]).encode()
         return piece.replace("\u2581", " ").encode()
 
     def encode_infilling(self, s: str) -> list[int]:

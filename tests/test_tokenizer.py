@@ -400,6 +400,8 @@ def test_piece_bytes_concatenate_to_the_text(tok):
     assert b"".join(tok.piece_bytes(i) for i in ids) == (" " + text).encode()
     assert any(tok._sp.is_byte(i) for i in ids)
     assert tok.piece_bytes(tok.bos_id) == b"<s>" and tok.piece_bytes(tok.eos_id) == b"</s>"
+    x, unk = tok.encode_infilling("x"), tok._sp.unk_id()
+    assert tok.decode_infill(x + [unk] + x) == "x" + tok.piece_bytes(unk).decode() + "x"  # was "<unk>"
     with pytest.raises(ValueError, match="out of range"):
         tok.piece_bytes(tok.vocab_size)
 
