@@ -224,8 +224,9 @@ class CodeLlama:
                              f"got {stop_ids!r}")
         call = self._batcher.submit(self.engine, prompt_tokens, sp, list(stop_ids), logprobs,
                                     top_logprobs=top_logprobs)
-        for _ in call:
-            pass
+        with contextlib.closing(call):  # an interrupt before the first step must end the rows too
+            for _ in call:
+                pass
         return call.results
 
     # ---- internals ----
@@ -283,10 +284,10 @@ class CodeLlama:
         per such token), with that many alternatives; else None."""
         call = self._batcher.submit(self.engine, prompts, sp, self._stop_ids(mode), vocab=self.tokenizer.n_words,
                                     logprobs=top_logprobs is not None, top_logprobs=top_logprobs or 0)
-        detok = detok or ("infill" if mode == "infill" else "completion")
-        rows = [_TextRow(self.tokenizer, detok, sp.stop) for _ in prompts]
-        results = call.results
         try:
+            detok = detok or ("infill" if mode == "infill" else "completion")
+            rows = [_TextRow(self.tokenizer, detok, sp.stop) for _ in prompts]
+            results = call.results
             for step in call:
                 for r, t in step:
                     row, res = rows[r], results[r]

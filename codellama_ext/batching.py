@@ -52,7 +52,16 @@ class Call:
         return self._steps
 
     def close(self) -> None:
-        self._steps.close()
+        self._steps.close()  # a started iteration ends its rows in its finally
+        with self._batcher._cond:
+            self._end()  # one never iterated has no finally to run
+
+    def _end(self) -> None:
+        """Ends the rows still going at the next step (the caller holds the condition)."""
+        if self._open:
+            self._ending.update(self._rows)
+            self._open = False
+        self._batcher._cond.notify_all()
 
     def finish(self, i: int) -> None:
         """Ends the call's prompt i (a stop string): its row is finished before the next step."""
@@ -79,10 +88,7 @@ class Call:
                     return
         finally:
             with b._cond:
-                if self._open:  # closed early: the rest of its rows stop at the next step
-                    self._ending.update(self._rows)
-                    self._open = False
-                b._cond.notify_all()
+                self._end()  # closed early: the rest of its rows stop at the next step
 
 
 class Batcher:

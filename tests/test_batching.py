@@ -293,3 +293,13 @@ def test_a_run_that_keeps_taking_calls_forgets_ended_rows(llm):
     assert batcher._run is run
     assert len(run._results) <= 3 and len(batcher._owner) <= 3
     assert first + "".join(s) == long
+
+
+def test_a_call_closed_before_its_first_step_ends_its_rows(llm, expected_complete):
+    # (an interrupt between submit and the first step closes the call this way): its rows must not decode to
+    # their budget in the steps other calls drive
+    ids = llm.tokenizer.encode_meta(COMPLETE[0], True, False)
+    call = llm._batcher.submit(llm.engine, [ids], SamplingParams(max_new_tokens=N), [])
+    call.close()
+    assert llm.complete(COMPLETE[2], max_new_tokens=N) == expected_complete[2]  # it steps the run call is in
+    assert call.results[0].tokens == [] and list(call) == []
