@@ -210,9 +210,19 @@ class Engine:
         # (tools/bench_prefill_chunks.py): the stream's worst gap 7.4 s whole, 0.82 s at 32 (the prompt's first
         # token 1.5x later); above 48 rows a part takes the fp32-block GEMM, whose conversion costs more per part
         # (64: 1.8 s, 1.7x). GPU: ~20 ms per part at 7B on an H100 by FLOPs (not measured).
-        self.prefill_chunk: int | None = 32 if model.device.type == "cpu" else 512
+        self.prefill_chunk = 32 if model.device.type == "cpu" else 512
         self._writes_seen = model.cache_writes
         self._weights_seen = self._weights_version()
+
+    @property
+    def prefill_chunk(self) -> int | None:
+        return self._prefill_chunk
+
+    @prefill_chunk.setter
+    def prefill_chunk(self, n: int | None) -> None:
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+            raise ValueError(f"prefill_chunk must be a positive integer or None (whole prompts), got {n!r}")
+        self._prefill_chunk = n
 
     @property
     def buckets(self) -> list[int]:
@@ -271,20 +281,23 @@ class Engine:
             starts.append(start)
         return slots, starts
 
-    def prefill(self, slots: list[int], prompts: list[list[int]], starts: list[int], ends: list[int]) -> torch.Tensor:
-        """Feeds prompts[i][starts[i]:ends[i]] to slots[i] at those positions, in one packed forward -> the logits
-        [k, V] of each one's last fed token."""
+    def prefill(self, slots: list[int], parts: list[list[int]], starts: list[int]) -> torch.Tensor:
+        """Feeds parts[i] to slots[i] at positions starts[i], starts[i] + 1, ... in one packed forward -> the logits
+        [k, V] of each part's last token. A slot's record then holds its first starts[i] ids and the part."""
         held = self._held_ids()
         dev = self.model.device
-        flat = torch.tensor([t for ids, a, b in zip(prompts, starts, ends) for t in ids[a:b]], dtype=torch.int64,
-                            device=dev)
-        cu = torch.tensor([0] + [b - a for a, b in zip(starts, ends)]).cumsum(0)
+        flat = torch.tensor([t for part in parts for t in part], dtype=torch.int64, device=dev)
+        cu = torch.tensor([0] + [len(part) for part in parts]).cumsum(0)
         logits = self.model.forward(flat, torch.tensor(starts), cu_seqlens=cu, slots=torch.tensor(slots),
                                     last_only=True)
         self._wrote()
-        for ids, s, b in zip(prompts, slots, ends):
-            if held[s] is not None:  # else forgotten since place(): the earlier positions are not vouched for
-                held[s] = list(ids[:b])
+        for s, part, start in zip(slots, parts, starts):
+            rec = held[s]
+            if rec is not None and len(rec) >= start:
+                del rec[start:]
+                rec += part
+            else:  # forgotten (or never this long) since place(): the earlier positions are not vouched for
+                held[s] = None
         return logits
 
     def padding_slots(self, free: list[int]) -> list[int]:
@@ -484,11 +497,12 @@ class Run:
             rows.append(r)
             ends.append(end)
             room = None if room is None else room - (end - at)
-        texts = [self.prompts[r] + self._results[r].tokens for r in decoding]
-        logits = self.engine.prefill([slot_of[r] for r in decoding + rows], texts + [self.prompts[r] for r in rows],
-                                     [len(t) - 1 for t in texts] + [filling[r] for r in rows],
-                                     [len(t) for t in texts] + ends)
-        decoded, logits = (logits[:len(texts)], logits[len(texts):]) if texts else (None, logits)
+        parts = [self._results[r].tokens[-1:] for r in decoding] + [
+            self.prompts[r][filling[r]:end] for r, end in zip(rows, ends)]
+        starts = [len(self.prompts[r]) + len(self._results[r].tokens) - 1 for r in decoding] + [
+            filling[r] for r in rows]
+        logits = self.engine.prefill([slot_of[r] for r in decoding + rows], parts, starts)
+        decoded, logits = (logits[:len(decoding)], logits[len(decoding):]) if decoding else (None, logits)
         whole = [j for j, (r, end) in enumerate(zip(rows, ends)) if end == len(self.prompts[r])]
         for r, end in zip(rows, ends):
             filling[r] = end

@@ -309,6 +309,9 @@ def test_long_prompts_are_prefilled_in_parts_between_decode_steps(folder):
     first = [next(i for i, s in enumerate(steps) if r in s) for r in rows]
     assert first == [9, 14]
     assert all(0 in s for s in steps[:len(alone[0])])  # the short row never waited
+    for bad in (0, -3, 2.5, True, "32"):
+        with pytest.raises(ValueError, match="prefill_chunk must be a positive integer or None"):
+            engine.prefill_chunk = bad
     # with nothing decoding, a prompt is prefilled whole: its first token comes at the first step
     run = engine.run([long_a], sp, [])
     assert next(iter(run)) == [(0, alone[1][0])]
@@ -498,7 +501,8 @@ def test_prefill_in_parts_equals_whole_over_random_calls(folder):
         if padded:
             parts._graphs = {b: _DecodeGraph(parts.model, b, None, capture=False) for b in parts.buckets}
         prefill = parts.prefill
-        parts.prefill = lambda *a: fed.append(sum(end < len(p) for p, end in zip(a[1], a[3]))) or prefill(*a)
+        # parts of `chunk` tokens: prompts cut by the budget (or, rarely, whose rest was that long)
+        parts.prefill = lambda *a: fed.append(sum(len(p) == chunk for p in a[1])) or prefill(*a)
         history = [[1] + [rng.randrange(3, 1200) for _ in range(50)]]
         for _ in range(8):
             def prompts():
@@ -522,7 +526,7 @@ def test_prefill_in_parts_equals_whole_over_random_calls(folder):
             for a, b in zip(*results):
                 assert (a.tokens, a.finish_reason) == (b.tokens, b.finish_reason)
                 history.append((history[0] + a.tokens)[:60])
-    assert sum(fed) > 30  # prompts fed in part
+    assert sum(fed) > 30
 
 
 def test_prompt_lookup_equals_greedy(folder, hf):
