@@ -172,7 +172,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         wanted = _field(body, "logprobs", (bool,), False, rule="a boolean")
         top = _field(body, "top_logprobs", (int,), None, lambda v: 0 <= v <= _MAX_TOP["chat"],
                      f"an integer in [0, {_MAX_TOP['chat']}]")
-        if top is not None and not wanted:
+        if top and not wanted:  # 0 asks for nothing: some clients send it by default
             raise _BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
         tok = self.llm.tokenizer
 
