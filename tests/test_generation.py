@@ -628,3 +628,26 @@ def test_cuda_graph_decode_equals_eager(folder_d64):
     seeded = SamplingParams(max_new_tokens=N_NEW, temperature=0.9, seed=5)
     assert [r.tokens for r in graphed_engine.generate(prompts, seeded, [EOS])] == \
         [r.tokens for r in graphed_engine.generate(prompts, seeded, [EOS])]
+
+
+@pytest.mark.cuda
+def test_cuda_prompts_joining_in_parts_equal_whole(folder_d64):
+    """On CUDA with graphs: prompts joining a run in parts of 3 tokens, fed with the decoding rows' step (eager);
+    in a drafting run, whose plain steps are graph replays, the prompts being prefilled leave too few free slots
+    for graph padding at times (those steps run eagerly): the ids of an eager engine that prefills whole."""
+    model = load_model(folder_d64, device="cuda", dtype=torch.float32, max_seq_len=96, max_batch_size=4)
+    prompts = random_prompts(7)
+    later = {1: prompts[2:5], 4: prompts[5:]}
+    for sp in (SamplingParams(max_new_tokens=N_NEW), SamplingParams(max_new_tokens=N_NEW, prompt_lookup=3)):
+        results = []
+        for engine in (Engine(model), Engine(model, cuda_graphs=False, prefix_cache=False)):
+            engine.prefill_chunk = 3 if engine.cuda_graphs else None
+            run = engine.run(prompts[:2], sp, [EOS], logprobs=True)
+            for i, _ in enumerate(run):
+                if i in later:
+                    run.add(later[i], sp, [EOS], logprobs=True)
+            results.append(run.results)
+        assert len(results[0]) == len(prompts)
+        for a, b in zip(*results):
+            assert (a.tokens, a.finish_reason) == (b.tokens, b.finish_reason)
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
