@@ -41,6 +41,9 @@ __all__ = ["SamplingParams", "GenerationResult", "Engine", "Run"]
 _MIN_SAMPLING_TEMPERATURE = 1e-30
 _LOOKUP_NGRAM = 3  # the longest tail prompt_lookup matches (then shorter ones)
 _LOOKUP_MAX_WAIT = 15  # the most plain steps between drafts after rejected ones
+# The fewest ids worth copying from another slot's keys and values (a copy per layer per placement; shorter shared
+# prefixes, such as BOS alone, are recomputed).
+_MIN_COPY = 16
 
 
 @dataclass(frozen=True)
@@ -138,7 +141,7 @@ class GenerationResult:
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
     finish_reason: str = "length"
-    cached_tokens: int = 0  # leading prompt tokens whose keys / values an earlier run left in the cache
+    cached_tokens: int = 0  # leading prompt tokens not computed: left in the cache by earlier rows, or copied
     accepted_drafts: int = 0  # new tokens that came from a confirmed prompt_lookup draft
 
 
@@ -267,7 +270,9 @@ class Engine:
 
     def place(self, prompts: list[list[int]], free: list[int]) -> tuple[list[int], list[int]]:
         """Takes for each prompt the free slot (out of `free`) holding the longest prefix of it -> slots, and the
-        reused lengths: where each prompt's prefill starts (its last token is always fed)."""
+        reused lengths: where each prompt's prefill starts (its last token is always fed). A longer prefix held by
+        a busy slot (a row decoding or being prefilled: concurrent requests sharing a context, n samples of one
+        prompt) is copied into the slot taken, as a prefill would write it."""
         self.prepare()
         held = self._held_ids(check_weights=True)
         slots, starts = [], []
@@ -276,10 +281,31 @@ class Engine:
             best = max(free, key=lambda s: (shared[s], -len(held[s] or [])))  # among equals: the least to lose
             free.remove(best)
             start = min(shared[best], len(ids) - 1)
+            src, n = self._longest_held(ids, exclude=free + [best])
+            if n - start >= _MIN_COPY:
+                self.model.copy_cache(src, best, n)
+                self._wrote()
+                held[best] = held[src][:n]
+                start = n
             held[best] = (held[best] or [])[:start]  # the prefill overwrites the rest
             slots.append(best)
             starts.append(start)
         return slots, starts
+
+    def _longest_held(self, ids: list[int], exclude: Sequence[int] = ()) -> tuple[int | None, int]:
+        """(slot, n): a slot whose cache holds the longest prefix of ids (n of them, short of its last id), not one
+        of `exclude`; (None, 0) without prefix reuse or a shared id."""
+        if not self.prefix_cache:
+            return None, 0
+        held = self._held
+        found = [(min(_shared_prefix(held[s], ids), len(ids) - 1), s) for s in range(len(held))
+                 if held[s] and s not in exclude]
+        n, src = max(found, default=(0, None))
+        return (src, n) if n else (None, 0)
+
+    def reusable(self, ids: list[int]) -> int:
+        """How many leading ids of a prompt some cache slot holds now (reuse or copy)."""
+        return self._longest_held(ids)[1]
 
     def prefill(self, slots: list[int], parts: list[list[int]], starts: list[int]) -> torch.Tensor:
         """Feeds parts[i] to slots[i] at positions starts[i], starts[i] + 1, ... in one packed forward -> the logits
@@ -476,6 +502,27 @@ class Run:
         if not self._done.get(row, True):
             self._done[row] = True
             self._results[row].finish_reason = reason
+
+    def _placeable(self, queue: list[int], filling: dict[int, int], room: int) -> list[int]:
+        """The queued rows to place now, first come first, at most `room`: a row waits while a prompt being
+        prefilled (or placed before it) will give it at least _MIN_COPY more ids to copy than the cache holds now,
+        so n samples of a prompt, or requests sharing a long context, prefill it once."""
+        if not room or not queue:
+            return []
+        if not self.engine.prefix_cache:  # nothing to copy: no reason to wait
+            return queue[:room]
+        leaders = [self.prompts[r] for r in filling]
+        out = []
+        for r in queue:
+            ids = self.prompts[r]
+            ahead = max((min(_shared_prefix(p, ids), len(ids) - 1) for p in leaders), default=0)
+            if ahead - self.engine.reusable(ids) >= _MIN_COPY:
+                continue
+            out.append(r)
+            leaders.append(ids)
+            if len(out) == room:
+                break
+        return out
 
     @torch.inference_mode()
     def _prefill(self, filling: dict[int, int], slot_of: dict[int, int], chunk: int | None,
@@ -700,9 +747,9 @@ class Run:
                 self._released -= gone
             if not live and not queue and not filling:
                 return
-            if queue and free:
-                placed = queue[:len(free)]
-                del queue[:len(free)]
+            placed = self._placeable(queue, filling, len(free))
+            if placed:
+                queue[:] = [r for r in queue if r not in placed]
                 slots, starts = self.engine.place([self.prompts[r] for r in placed], free)
                 slot_of.update(zip(placed, slots))
                 for r, st in zip(placed, starts):
@@ -767,7 +814,7 @@ class Run:
                     starved = [r for r in live if not pending[r]]
                     if starved:
                         pending.update(self._lookup_step(starved, slot_of, free))
-                elif live and (filling or queue and free):  # a prompt is fed at the top: decode with it
+                elif live and (filling or self._placeable(queue, filling, len(free))):  # a prompt is fed at the top
                     fuse = True
                     pos += 1
                 elif live:

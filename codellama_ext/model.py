@@ -275,6 +275,12 @@ class Transformer(nn.Module):
         self.cache_writes += 1  # a cache converted to another dtype no longer holds what the new dtype computes
         return super()._apply(fn, *args, **kwargs)
 
+    def copy_cache(self, src: int, dst: int, n: int) -> None:
+        """Copies the keys and values of positions [0, n) of cache slot src into slot dst."""
+        self.cache_writes += 1
+        self.k_cache[:, dst, :n].copy_(self.k_cache[:, src, :n])
+        self.v_cache[:, dst, :n].copy_(self.v_cache[:, src, :n])
+
     def reset_cache(self) -> None:
         """Zeroes the KV cache (not needed for correctness: positions are always written before they are read)."""
         self.cache_writes += 1

@@ -347,6 +347,27 @@ def test_padded_bucket_decode_equals_plain(folder, expected):
     assert any(padded) and not all(padded)
 
 
+def test_shared_prefixes_are_copied_from_busy_slots(folder, hf):
+    """n samples of one prompt prefill it once (the others wait for it, then copy its keys and values), and a prompt
+    joining rows that hold a long prefix of it copies that prefix: the ids of an engine that reuses nothing."""
+    engine = Engine(load_model(folder, dtype=torch.float32, max_seq_len=96, max_batch_size=4))
+    plain = Engine(engine.model, prefix_cache=False)
+    base = [1] + list(range(300, 340))
+    sp = SamplingParams(max_new_tokens=N_NEW)
+    want = {tuple(p): hf_greedy(hf, p, N_NEW, None)[0] for p in (base, base[:30] + [7, 8, 9])}
+    res = engine.generate([base] * 3, sp, [])
+    assert [r.tokens for r in res] == [want[tuple(base)]] * 3
+    assert [r.cached_tokens for r in res] == [0, len(base) - 1, len(base) - 1]
+    engine.model.reset_cache()  # nothing left from that run: the prefix below comes from a row decoding
+    run = engine.run([base], sp, [])
+    for i, _ in enumerate(run):
+        if i == 2:
+            (joined,) = run.add([base[:30] + [7, 8, 9]], sp, [])
+    assert [r.tokens for r in run.results] == [want[tuple(base)], want[tuple(base[:30] + [7, 8, 9])]]
+    assert run.results[joined].cached_tokens == 30
+    assert [r.tokens for r in plain.generate([base] * 3, sp, [])] == [want[tuple(base)]] * 3
+
+
 def test_prefix_reuse_matches_transformers(folder, hf):
     """A resent prompt, one extending a prompt and its fed-back output, one diverging from it and one it
     contains are prefilled from the end of the prefix their slot holds, and still continue as transformers."""
