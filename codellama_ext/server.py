@@ -11,15 +11,15 @@ threading HTTP server, one thread per connection; concurrent requests decode in 
 Completions: with "suffix", or a prompt holding <FILL_ME>, the text is infilled and the choice's text is the middle;
 otherwise the prompt is continued. Defaults are OpenAI's (temperature 1, top_p 1, completions max_tokens 16; chat
 runs to EOS or the end of the window). Extensions: "top_k", "repetition_penalty", "prompt_lookup" (as in
-SamplingParams). "n" choices of a prompt are n rows of the batch: with a seed each draws its own numbers
-(reproducibly), greedy ones are equal; choice i * n + j is prompt i's j-th. "logprobs" (completions: 0-5
-alternatives; chat: true, with "top_logprobs" 0-20) gives each token of the text its log-probability under the raw
-logits; a token that is part of a multi-byte character is written "bytes:\\xNN", and completions' text_offset counts
-characters of the choice's text; streamed, each token comes in a chunk of its own. What OpenAI has and this server
-does not (best_of other than 1, echo, penalties other than 0, logit_bias, token-id prompts) is a 400 error, not
-silently ignored; unknown fields are ignored, as clients send extras such as "user". Streams are server-sent events
-("data: {chunk}", then "data: [DONE]"); a client that goes away ends its rows. Errors have OpenAI's shape:
-{"error": {"message", "type", "param", "code"}}.
+SamplingParams). "n" choices of a prompt are n rows of the batch (the prompt prefilled once, its keys and values
+copied): with a seed each draws its own numbers (reproducibly), greedy ones are equal; choice i * n + j is prompt i's
+j-th. "logprobs" (completions: 0-5 alternatives; chat: true, with "top_logprobs" 0-20) gives each token of the text
+its log-probability under the raw logits; a token that is part of a multi-byte character is written "bytes:\\xNN",
+and completions' text_offset counts characters of the choice's text; streamed, each token comes in a chunk of its
+own. What OpenAI has and this server does not (best_of other than 1, echo, penalties other than 0, logit_bias,
+token-id prompts) is a 400 error, not silently ignored; unknown fields are ignored, as clients send extras such as
+"user". Streams are server-sent events ("data: {chunk}", then "data: [DONE]"); a client that goes away ends its rows.
+Errors have OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
 """
 
 from __future__ import annotations
