@@ -297,7 +297,7 @@ class Engine:
         of `exclude`; (None, 0) without prefix reuse or a shared id."""
         if not self.prefix_cache:
             return None, 0
-        held = self._held
+        held = self._held_ids()
         found = [(min(_shared_prefix(held[s], ids), len(ids) - 1), s) for s in range(len(held))
                  if held[s] and s not in exclude]
         n, src = max(found, default=(0, None))
