@@ -74,7 +74,8 @@ def main() -> None:
     print(f"# bench_shared_prefix: {a.shape} {a.dtype} on {a.device}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; {a.n} samples of a {a.prompt}-token prompt, {a.new_tokens} new tokens "
           f"each (seeded sampling); medians of {a.repeats}; copied and each-prefilled ids "
-          f"{'equal' if same else 'differ (near-ties in 16-bit: rounding of the copied rows)'}")
+          f"{'equal' if same else 'differ (16-bit: a prompt prefilled alone or in a batch rounds differently, '}"
+          f"{'' if same else 'and near-ties of the random model flip)'}")
     print("| setting | whole call (s) | time / copied |")
     print("|---|---|---|")
     base = statistics.median(times["copied"])
