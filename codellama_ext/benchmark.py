@@ -92,6 +92,27 @@ class _StepClock:
         pass
 
 
+def add_random_model_arguments(ap) -> None:
+    """The tools' --shape, --dtype and --device flags: the random-weight checkpoint they time (random_model)."""
+    ap.add_argument("--shape", default="1.1b", choices=sorted(SHAPES))
+    ap.add_argument("--dtype", default="bfloat16", choices=("float32", "float16", "bfloat16"))
+    ap.add_argument("--device", default="cpu")
+
+
+def random_model(ns, max_batch_size: int, max_seq_len: int, with_hf: bool = False):
+    """(our Transformer, its ModelArgs, transformers' LlamaForCausalLM or None) over one random checkpoint of
+    ns.shape / ns.dtype / ns.device (add_random_model_arguments), written to a temporary folder and loaded."""
+    from .model import load_model
+    dtype = getattr(torch, ns.dtype)
+    args = SHAPES[ns.shape]
+    with tempfile.TemporaryDirectory() as folder:
+        write_random_meta(folder, args, dtype, device=ns.device)
+        model = load_model(folder, device=ns.device, dtype=dtype, max_batch_size=max_batch_size,
+                           max_seq_len=max_seq_len)
+        hf = hf_from_meta(folder, dtype, ns.device) if with_hf else None
+    return model, args, hf
+
+
 def _prompts(batch: int, length: int, seed: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [[1] + torch.randint(3, 32000, (length - 1,), generator=g).tolist() for _ in range(batch)]

@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import random
 import statistics
-import tempfile
 import threading
 import time
 
@@ -27,8 +26,7 @@ import torch
 
 from codellama_ext import CodeLlama, CodeLlamaTokenizer
 from codellama_ext.api import DEFAULT_MODEL_DIR
-from codellama_ext.benchmark import SHAPES, hf_from_meta, write_random_meta
-from codellama_ext.model import load_model
+from codellama_ext.benchmark import add_random_model_arguments, random_model
 
 
 def clients(generate, requests: list[list[list[int]]], lock: threading.Lock | None = None):
@@ -56,24 +54,18 @@ def clients(generate, requests: list[list[list[int]]], lock: threading.Lock | No
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shape", default="1.1b", choices=sorted(SHAPES))
-    ap.add_argument("--dtype", default="bfloat16", choices=("float32", "float16", "bfloat16"))
-    ap.add_argument("--device", default="cpu")
+    add_random_model_arguments(ap)
     ap.add_argument("--clients", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--requests", type=int, default=2, help="requests per client, sent one after another")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--prompt", type=int, default=64, help="prompt length (random ids)")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
     a = ap.parse_args()
-    dtype = getattr(torch, a.dtype)
     rng = random.Random(0)
-    with tempfile.TemporaryDirectory() as folder:
-        write_random_meta(folder, SHAPES[a.shape], dtype, device=a.device)
-        model = load_model(folder, device=a.device, dtype=dtype, max_batch_size=max(a.clients),
-                           max_seq_len=a.prompt + a.new_tokens + 1)
-        # the default model's tokenizer: generate() needs one (its ids, below 4112, fit every shape's vocabulary)
-        llm = CodeLlama(model, CodeLlamaTokenizer(str(DEFAULT_MODEL_DIR / "tokenizer.model")), prefix_cache=False)
-        hf = None if a.no_hf else hf_from_meta(folder, dtype, a.device)
+    model, _, hf = random_model(a, max_batch_size=max(a.clients), max_seq_len=a.prompt + a.new_tokens + 1,
+                                with_hf=not a.no_hf)
+    # the default model's tokenizer: generate() needs one (its ids, below 4112, fit every shape's vocabulary)
+    llm = CodeLlama(model, CodeLlamaTokenizer(str(DEFAULT_MODEL_DIR / "tokenizer.model")), prefix_cache=False)
     vocab = llm.tokenizer.n_words
 
     def ours(p: list[int]) -> list[int]:

@@ -19,14 +19,12 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import tempfile
 import time
 
 import torch
 
-from codellama_ext.benchmark import SHAPES, write_random_meta
+from codellama_ext.benchmark import add_random_model_arguments, random_model
 from codellama_ext.generation import Engine, SamplingParams
-from codellama_ext.model import load_model
 
 
 def one_run(engine: Engine, short: list[int], long: list[int], new: int, join_after: int) -> tuple[float, ...]:
@@ -49,22 +47,15 @@ def one_run(engine: Engine, short: list[int], long: list[int], new: int, join_af
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shape", default="1.1b", choices=sorted(SHAPES))
-    ap.add_argument("--dtype", default="bfloat16", choices=("float32", "float16", "bfloat16"))
-    ap.add_argument("--device", default="cpu")
+    add_random_model_arguments(ap)
     ap.add_argument("--long", type=int, default=512, help="tokens of the prompt that joins")
     ap.add_argument("--new-tokens", type=int, default=48, help="tokens the streaming row generates")
     ap.add_argument("--join-after", type=int, default=4, help="the long prompt joins after this many tokens")
     ap.add_argument("--chunks", type=int, nargs="+", default=[32, 64, 128])
     ap.add_argument("--repeats", type=int, default=2)
     a = ap.parse_args()
-    dtype = getattr(torch, a.dtype)
     rng = random.Random(0)
-    with tempfile.TemporaryDirectory() as folder:
-        args = SHAPES[a.shape]
-        write_random_meta(folder, args, dtype, device=a.device)
-        model = load_model(folder, device=a.device, dtype=dtype, max_batch_size=2,
-                           max_seq_len=max(a.long + 8, 16 + a.new_tokens))
+    model, args, _ = random_model(a, max_batch_size=2, max_seq_len=max(a.long + 8, 16 + a.new_tokens))
     engine = Engine(model, prefix_cache=False)
     default = engine.prefill_chunk
     short = [1] + [rng.randrange(3, args.vocab_size) for _ in range(15)]

@@ -16,35 +16,26 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import tempfile
 import time
 
 import torch
 
-from codellama_ext.benchmark import SHAPES, hf_from_meta, write_random_meta
+from codellama_ext.benchmark import add_random_model_arguments, random_model
 from codellama_ext.generation import Engine, SamplingParams
-from codellama_ext.model import load_model
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shape", default="1.1b", choices=sorted(SHAPES))
-    ap.add_argument("--dtype", default="bfloat16", choices=("float32", "float16", "bfloat16"))
-    ap.add_argument("--device", default="cpu")
+    add_random_model_arguments(ap)
     ap.add_argument("--n", type=int, default=4, help="samples of the prompt")
     ap.add_argument("--prompt", type=int, default=256, help="prompt length (random ids)")
     ap.add_argument("--new-tokens", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
     a = ap.parse_args()
-    dtype = getattr(torch, a.dtype)
     rng = random.Random(0)
-    with tempfile.TemporaryDirectory() as folder:
-        args = SHAPES[a.shape]
-        write_random_meta(folder, args, dtype, device=a.device)
-        model = load_model(folder, device=a.device, dtype=dtype, max_batch_size=a.n,
-                           max_seq_len=a.prompt + a.new_tokens + 1)
-        hf = None if a.no_hf else hf_from_meta(folder, dtype, a.device)
+    model, args, hf = random_model(a, max_batch_size=a.n, max_seq_len=a.prompt + a.new_tokens + 1,
+                                   with_hf=not a.no_hf)
     prompt = [1] + [rng.randrange(3, args.vocab_size) for _ in range(a.prompt - 1)]
     sp = SamplingParams(max_new_tokens=a.new_tokens, temperature=0.8, top_p=0.95, seed=0)
     engines = {"copied": Engine(model), "each prefilled": Engine(model, prefix_cache=False)}
