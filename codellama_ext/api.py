@@ -290,11 +290,12 @@ class CodeLlama:
             results = call.results
             for step in call:
                 for r, t in step:
-                    row, res = rows[r], results[r]
-                    counted, offset = row.tokens, len(row.text) + row.detok.lead_in(t)
+                    row, res, scored = rows[r], results[r], None
+                    counted = row.tokens
+                    if top_logprobs is not None:
+                        offset = len(row.text) + row.detok.lead_in(t)
                     if row.add(t):
                         call.finish(r)
-                    scored = None
                     if top_logprobs is not None and row.tokens > counted:  # the k-th token of the row: index k
                         # the token that completed a stop string may start after where the text was cut
                         scored = Scored(t, res.logprobs[counted], res.top_logprobs[counted] if top_logprobs else [],

@@ -277,35 +277,31 @@ class Engine:
         held = self._held_ids(check_weights=True)
         slots, starts = [], []
         for ids in prompts:
-            shared = {s: _shared_prefix(held[s] or [], ids) if self.prefix_cache else 0 for s in free}
+            shared = self._shared(held, ids)
             best = max(free, key=lambda s: (shared[s], -len(held[s] or [])))  # among equals: the least to lose
             free.remove(best)
-            start = min(shared[best], len(ids) - 1)
-            src, n = self._longest_held(ids, exclude=free + [best])
-            if n - start >= _MIN_COPY:
-                self.model.copy_cache(src, best, n)
+            start, src = shared[best], best
+            busy = [s for s in range(len(held)) if s != best and s not in free]
+            if busy and max(shared[s] for s in busy) - start >= _MIN_COPY:
+                src = max(busy, key=shared.__getitem__)
+                start = shared[src]
+                self.model.copy_cache(src, best, start)
                 self._wrote()
-                held[best] = held[src][:n]
-                start = n
-            held[best] = (held[best] or [])[:start]  # the prefill overwrites the rest
+            held[best] = (held[src] or [])[:start]  # the prefill overwrites the rest
             slots.append(best)
             starts.append(start)
         return slots, starts
 
-    def _longest_held(self, ids: list[int], exclude: Sequence[int] = ()) -> tuple[int | None, int]:
-        """(slot, n): a slot whose cache holds the longest prefix of ids (n of them, short of its last id), not one
-        of `exclude`; (None, 0) without prefix reuse or a shared id."""
+    def _shared(self, held: list[list[int] | None], ids: list[int]) -> list[int]:
+        """Per slot, how many leading ids of a prompt its cache holds, short of the prompt's last id (always fed,
+        for its logits); zeros without prefix reuse."""
         if not self.prefix_cache:
-            return None, 0
-        held = self._held_ids()
-        found = [(min(_shared_prefix(held[s], ids), len(ids) - 1), s) for s in range(len(held))
-                 if held[s] and s not in exclude]
-        n, src = max(found, default=(0, None))
-        return (src, n) if n else (None, 0)
+            return [0] * len(held)
+        return [min(_shared_prefix(rec, ids), len(ids) - 1) if rec else 0 for rec in held]
 
     def reusable(self, ids: list[int]) -> int:
-        """How many leading ids of a prompt some cache slot holds now (reuse or copy)."""
-        return self._longest_held(ids)[1]
+        """How many leading ids of a prompt some cache slot holds now (reused or copied by place)."""
+        return max(self._shared(self._held_ids(), ids))
 
     def prefill(self, slots: list[int], parts: list[list[int]], starts: list[int]) -> torch.Tensor:
         """Feeds parts[i] to slots[i] at positions starts[i], starts[i] + 1, ... in one packed forward -> the logits
@@ -728,6 +724,7 @@ class Run:
         pad_slots = None  # free slots on the device, rebuilt only when `free` changes (no per-step copy)
         args = None  # _row_args of the live rows, rebuilt only when they change
         fuse = False  # the live rows' last tokens are fed with the next prompt part (at the top of the loop)
+        placed = None  # the queued rows to place at the top of the loop, when already chosen
         with torch.inference_mode():
             logits = torch.empty(0, model.args.vocab_size, dtype=torch.float32, device=dev)
             pos = torch.empty(0, dtype=torch.int32, device=dev)
@@ -747,7 +744,8 @@ class Run:
                 self._released -= gone
             if not live and not queue and not filling:
                 return
-            placed = self._placeable(queue, filling, len(free))
+            if placed is None:
+                placed = self._placeable(queue, filling, len(free))
             if placed:
                 queue[:] = [r for r in queue if r not in placed]
                 slots, starts = self.engine.place([self.prompts[r] for r in placed], free)
@@ -756,6 +754,7 @@ class Run:
                     self._results[r].cached_tokens = st
                     filling[r] = st
                 pad_slots = None
+            placed = None
             new = []
             if filling:  # with nothing decoding, nothing waits: whole prompts
                 decoded, new, parts = self._prefill(filling, slot_of, self.engine.prefill_chunk if live else None,
@@ -814,8 +813,8 @@ class Run:
                     starved = [r for r in live if not pending[r]]
                     if starved:
                         pending.update(self._lookup_step(starved, slot_of, free))
-                elif live and (filling or self._placeable(queue, filling, len(free))):  # a prompt is fed at the top
-                    fuse = True
+                elif live and (filling or (placed := self._placeable(queue, filling, len(free)))):
+                    fuse = True  # a prompt is fed at the top: the decode step goes with it
                     pos += 1
                 elif live:
                     if pad_slots is None:  # padding rows of a CUDA graph bucket write position 0 of these
