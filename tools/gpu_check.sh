@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The checks for a lent GPU machine: build the extension in place (sm_90 by default), run every CUDA test
-# case, the kernel benchmarks and the generation benchmark. Each stage has its own time limit so a hang in
-# one still leaves the others' results; tests run in pytest-xdist workers so a crash fails one test, not the
-# run. Logs land in $OUT (the device tool's folder) or build/gpu-check.
-#   bash tools/gpu_check.sh                    # all stages: build, tests, bench, gen (the env is always printed)
-#   STAGES="build tests bench" bash tools/gpu_check.sh; STAGES=gen bash tools/gpu_check.sh   # in two calls
-# A device call may run 600 s: with the default stage limits (240 + 150 + 120 + 240 + 3 x 90 + 60 s) all four stages
-# can overrun it, so use two calls on the same warm machine (the in-place build stays between calls).
-# The generation bench (gen) writes a random 7B-shaped checkpoint (13.5 GB fp16) into $GEN_WORKDIR (/tmp/bg),
-# then times prompt lookup on the embedded default model (one row, then batches of 4), concurrent clients
+# case, the generation and kernel benchmarks, a profile of the 7B decode step and the serving benchmarks. Each
+# stage has its own time limit so a hang in one still leaves the others' results; tests run in pytest-xdist
+# workers so a crash fails one test, not the run. Logs land in $OUT (the device tool's folder) or build/gpu-check.
+#   bash tools/gpu_check.sh                          # every stage (the env is always printed)
+#   STAGES="build tests gen bench profile" bash tools/gpu_check.sh; STAGES=serve bash tools/gpu_check.sh
+# On an H200 (session 12) build took 43 s, tests 34 s, gen 55 s, bench 8 s, serve 118 s: two calls fit one
+# device budget; the in-place build stays between calls on the same warm machine.
+# gen writes a random 7B-shaped checkpoint (13.5 GB fp16) into $GEN_WORKDIR (/tmp/bg) and times ours against
+# transformers; profile splits a 7B decode step's GPU time by kernel (tools/profile_decode.py); serve times
+# prompt lookup on the embedded default model (one row, then batches of 4), concurrent clients
 # (tools/bench_concurrency.py, 1.1B-shaped fp16) and a 4096-token prompt joining a stream in parts
 # (tools/bench_prefill_chunks.py).
 set -uo pipefail
@@ -32,7 +33,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
   nvcc --version | tail -1; echo "CC=${CC:-} CXX=${CXX:-}"; "${CXX:-g++}" --version | head -1
   ls -l /opt/gcc/bin/ /usr/bin/g++* /usr/bin/x86_64-linux-gnu-g++* 2>&1 | head; head -c 400 /opt/gcc/bin/g++ | strings | head; } 2>&1 | tee "$OUT/env.txt"
 
-STAGES=" ${STAGES:-build tests bench gen} "
+STAGES=" ${STAGES:-build tests gen bench profile serve} "
 stage() { [[ "$STAGES" == *" $1 "* ]]; }
 
 if stage build; then
@@ -44,15 +45,11 @@ fi
 
 if stage tests; then
   start=$(date +%s)
-  timeout "${TEST_S:-150}" "$PY" -m pytest -q -k cuda -p no:cacheprovider --continue-on-collection-errors \
-    -n "${TEST_WORKERS:-8}" -rfE tests 2>&1 | tee "$OUT/tests.log" | tail -50
-  echo "tests took $(( $(date +%s) - start )) s"
-fi
-
-if stage bench; then
-  start=$(date +%s)
-  timeout "${BENCH_S:-120}" "$PY" tools/bench_kernels.py --device cuda 2>&1 | tee "$OUT/bench.log"
-  echo "bench took $(( $(date +%s) - start )) s"
+  # -v: each case's result lands in the log as it finishes, so a run cut by the time limit still names them.
+  timeout "${TEST_S:-150}" "$PY" -m pytest -v -k cuda -p no:cacheprovider --continue-on-collection-errors \
+    -n "${TEST_WORKERS:-8}" -rfE tests >"$OUT/tests.log" 2>&1
+  grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)" "$OUT/tests.log" | head -60
+  echo "tests: $(grep -c ' PASSED' "$OUT/tests.log") passed, $(grep -c ' FAILED' "$OUT/tests.log") failed lines; took $(( $(date +%s) - start )) s"
 fi
 
 if stage gen; then
@@ -61,6 +58,22 @@ if stage gen; then
   timeout "${GEN_S:-240}" "$PY" tools/bench_generate.py --device cuda --shape ${GEN_SHAPES:-7b} --batch 1 8 \
     --new-tokens 64 --prefill 128 2048 --workdir "${GEN_WORKDIR:-/tmp/bg}" 2>&1 | tee "$OUT/bench_generate.log"
   echo "generation bench took $(( $(date +%s) - start )) s"
+fi
+
+if stage bench; then
+  start=$(date +%s)
+  timeout "${BENCH_S:-120}" "$PY" tools/bench_kernels.py --device cuda 2>&1 | tee "$OUT/bench.log"
+  echo "bench took $(( $(date +%s) - start )) s"
+fi
+
+if stage profile; then
+  for q in "" "--quantize int8"; do
+    timeout "${PROFILE_S:-60}" "$PY" tools/profile_decode.py --shape 7b --dtype float16 $q 2>&1 \
+      | grep -v "profiler.py\|_warn_once\|^USDT\|^ERROR\|^STAGE" | head -16 | tee -a "$OUT/profile.log"
+  done
+fi
+
+if stage serve; then
   start=$(date +%s)
   timeout "${LOOKUP_S:-90}" "$PY" tools/bench_prompt_lookup.py --device cuda 2>&1 | tee "$OUT/bench_prompt_lookup.log"
   timeout "${LOOKUP_S:-90}" "$PY" tools/bench_prompt_lookup.py --device cuda --batch 4 --draft 4 --no-hf 2>&1 \
@@ -69,5 +82,5 @@ if stage gen; then
     --new-tokens 64 2>&1 | tee "$OUT/bench_concurrency.log"
   timeout "${CHUNK_S:-60}" "$PY" tools/bench_prefill_chunks.py --device cuda --dtype float16 --long 4096 \
     --new-tokens 64 --chunks 256 512 1024 2>&1 | tee "$OUT/bench_prefill_chunks.log"
-  echo "prompt-lookup bench took $(( $(date +%s) - start )) s"
+  echo "serving benches took $(( $(date +%s) - start )) s"
 fi
