@@ -40,8 +40,9 @@ def prefill(q, kc, vc, lens, starts, slots, device):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_kv_cache_append_writes_exactly_the_target_rows(device, dtype):
-    hq, hkv, d, t = 8, 2, 64, 5
+@pytest.mark.parametrize("d", [64, 6])  # 6: rows of no whole 16-byte vectors (the CUDA kernel's element path)
+def test_kv_cache_append_writes_exactly_the_target_rows(device, dtype, d):
+    hq, hkv, t = 8, 2, 5
     _, k, v = qkv_views(t, hq, hkv, d, dtype, device)
     kc, vc = filled_cache(3, 16, hkv, d, dtype, device, {})  # all NaN
     slots, positions = [2, 0, 2, 1, 0], [0, 15, 7, 3, 4]

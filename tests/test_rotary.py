@@ -26,9 +26,10 @@ def _check(q, k, pos, theta, interleaved, name):
 @pytest.mark.parametrize("head_dim", [8, 64, 128])
 @pytest.mark.parametrize("theta", [1e4, 1e6])
 @pytest.mark.parametrize("interleaved", [True, False])
-def test_rotary_matches_reference(device, dtype, head_dim, theta, interleaved):
+@pytest.mark.parametrize("t", [37, 200])  # the CUDA kernel's two launch shapes: pair blocks below 128 tokens
+def test_rotary_matches_reference(device, dtype, head_dim, theta, interleaved, t):
     g = torch.Generator().manual_seed(head_dim)
-    t, hq, hkv = 37, 4, 2
+    hq, hkv = 4, 2
     q = torch.randn(t, hq, head_dim, generator=g).to(device=device, dtype=dtype)
     k = torch.randn(t, hkv, head_dim, generator=g).to(device=device, dtype=dtype)
     pos = torch.randint(0, 16384, (t,), generator=g).to(device)

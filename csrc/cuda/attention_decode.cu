@@ -7,7 +7,8 @@
 // between them, so each phase is a long run of independent loads: (1) all scores of the split into shared
 // memory (8 lanes per key row), (2) per head one warp takes the max and the exponentials, (3) P.v with each
 // thread loading 16 bytes of a V row (8 to 32 rows in flight per block); the row groups' partial sums are
-// added once at the end.
+// added once at the end. Phases (1) and (3) unroll 4 iterations so that many loads are in flight per thread: a
+// short sequence is latency-bound (10 us per layer at 80 keys, 7B, H200, with 2).
 #include <cmath>
 
 #include "codellama/attention.h"
@@ -24,15 +25,9 @@ constexpr int kMaxGroup = 8;   // query heads per block
 // E consecutive elements of p (16-byte aligned) as floats, with 16-byte loads.
 template <typename T, int E>
 __device__ __forceinline__ void load_row(const T* p, float (&out)[E]) {
-  constexpr int kVec = 16 / sizeof(T);
-  static_assert(E % kVec == 0, "row piece must be a whole number of 16-byte vectors");
+  static_assert(E % kVec16<T> == 0, "row piece must be a whole number of 16-byte vectors");
 #pragma unroll
-  for (int c = 0; c < E / kVec; ++c) {
-    const uint4 u = *reinterpret_cast<const uint4*>(p + c * kVec);
-    const T* t = reinterpret_cast<const T*>(&u);
-#pragma unroll
-    for (int e = 0; e < kVec; ++e) out[c * kVec + e] = to_f(t[e]);
-  }
+  for (int c = 0; c < E / kVec16<T>; ++c) load16(p + c * kVec16<T>, out + c * kVec16<T>);
 }
 
 // Workspace: m [NB], l [NB], acc [NB, D] with NB = B * Hq * splits, index (b * Hq + h) * splits + split.
@@ -89,7 +84,7 @@ decode_split_kernel(const T* __restrict__ q, int64_t q_rs, int64_t q_hs, const T
   // (1) scores: key j by the 8 lanes `part` of sub-group `sub`; the loop bound is uniform over each warp
   // (its shuffles need all 32 lanes), keys past n are zeros and not stored
   const int sub = lane >> 3, part = lane & 7;
-#pragma unroll 2
+#pragma unroll 4
   for (int j0 = 0; j0 < n; j0 += kThreads / 8) {
     const int j = j0 + warp * 4 + sub;
     float kr[E];
@@ -142,7 +137,7 @@ decode_split_kernel(const T* __restrict__ q, int64_t q_rs, int64_t q_hs, const T
 #pragma unroll
     for (int e = 0; e < VE; ++e) acc[g][e] = 0.f;
   }
-#pragma unroll 2
+#pragma unroll 4
   for (int j = vr; j < n; j += RP) {
     float vv[VE];
     load_row<T, VE>(vb + j * kv_rs + vc0, vv);

@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 
@@ -24,6 +25,28 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float
 
 // The value a T tensor would hold after storing v.
 template <typename T> __device__ __forceinline__ float round_to(float v) { return to_f(from_f<T>(v)); }
+
+// 16 bytes of T: kVec16<T> elements moved in one load / store (p 16-byte aligned), converted to / from floats.
+template <typename T> constexpr int kVec16 = 16 / sizeof(T);
+
+template <typename T>
+__device__ __forceinline__ void load16(const T* p, float* out) {
+  const uint4 u = *reinterpret_cast<const uint4*>(p);
+  const T* t = reinterpret_cast<const T*>(&u);
+#pragma unroll
+  for (int e = 0; e < kVec16<T>; ++e) out[e] = to_f(t[e]);
+}
+
+template <typename T>
+__device__ __forceinline__ void store16(T* p, const float* in) {
+  uint4 u;
+  T* t = reinterpret_cast<T*>(&u);
+#pragma unroll
+  for (int e = 0; e < kVec16<T>; ++e) t[e] = from_f<T>(in[e]);
+  *reinterpret_cast<uint4*>(p) = u;
+}
+
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

@@ -179,7 +179,6 @@ gemv_scalar_kernel(T* __restrict__ y, const T* __restrict__ x, int64_t x_stride,
   }
 }
 
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 template <typename T, typename W, bool kScaled>
 void launch_gemv(T* y, const T* x, int64_t x_stride, const W* w, const float* scales, int64_t M, int64_t N,
