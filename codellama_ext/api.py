@@ -67,6 +67,7 @@ class _TextRow:
         self.sent = 0
         self.stopped = False
         self.tokens = 0  # tokens fed before a stop string ended the text
+        self.closed = False  # no more tokens: the text is final
 
     def add(self, token_id: int) -> bool:
         """Feeds a token; True when a stop string has now ended the text."""
@@ -76,6 +77,7 @@ class _TextRow:
     def close(self) -> None:
         if not self.stopped:
             self._append(self.detok.flush())
+        self.closed = True
 
     def _append(self, delta: str) -> bool:
         if not delta or self.stopped:
@@ -287,28 +289,43 @@ class CodeLlama:
         try:
             detok = detok or ("infill" if mode == "infill" else "completion")
             rows = [_TextRow(self.tokenizer, detok, sp.stop) for _ in prompts]
+            pending: list[list[Scored]] = [[] for _ in prompts]  # scored tokens whose text start may still move
             results = call.results
             for step in call:
                 for r, t in step:
-                    row, res, scored = rows[r], results[r], None
+                    row, res = rows[r], results[r]
                     counted = row.tokens
                     if top_logprobs is not None:
                         offset = len(row.text) + row.detok.lead_in(t)
                     if row.add(t):
                         call.finish(r)
                     if top_logprobs is not None and row.tokens > counted:  # the k-th token of the row: index k
-                        # the token that completed a stop string may start after where the text was cut
-                        scored = Scored(t, res.logprobs[counted], res.top_logprobs[counted] if top_logprobs else [],
-                                        min(offset, len(row.text)))
-                    yield r, row.delta(final=False), scored
+                        pending[r].append(Scored(t, res.logprobs[counted],
+                                                 res.top_logprobs[counted] if top_logprobs else [], offset))
+                    yield from _released(r, row, row.delta(final=False), pending[r])
             for r, row in enumerate(rows):
                 row.close()
-                yield r, row.delta(final=True), None
+                yield from _released(r, row, row.delta(final=True), pending[r])
             if outcomes is not None:
                 outcomes += [("stop" if row.stopped else res.finish_reason, row.tokens)
                              for row, res in zip(rows, call.results)]
         finally:
             call.close()
+
+
+def _released(r: int, row: _TextRow, delta: str, pending: list[Scored]) -> Iterator[tuple[int, str, Scored | None]]:
+    """Row r's events for a new delta: the delta with the first scored token whose text start is now final, then
+    one event per further such token (or the delta alone). A start is final once text after it has been released
+    (a stop string can no longer cut before it: the held-back tail covers every place one could begin) or the row
+    has ended; a stop string cuts the text, so a token inside it starts at most at the text's end."""
+    final = row.stopped or row.closed
+    n = len(pending) if final else next((i for i, s in enumerate(pending) if s.text_offset >= row.sent),
+                                        len(pending))
+    out = [s._replace(text_offset=min(s.text_offset, len(row.text))) for s in pending[:n]]
+    del pending[:n]
+    yield r, delta, out[0] if out else None
+    for s in out[1:]:
+        yield r, "", s
 
 
 def _params(params: SamplingParams | None, sampling: dict) -> SamplingParams:

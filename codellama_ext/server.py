@@ -230,7 +230,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 send({**head, "object": kind, "choices": [choice(row, "", None, first=True)]})
         try:
             for row, delta, s in events:
-                if delta or s is not None:  # with logprobs, a chunk per token, even one whose text is held back
+                if delta or s is not None:  # with logprobs, a chunk per token once where its text starts is final
                     send({**head, "object": kind, "choices": [choice(row, delta, None, None if s is None else [s])]})
         except (ValueError, RuntimeError) as e:  # the headers are sent: the error goes in the stream
             send({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})

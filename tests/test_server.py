@@ -173,7 +173,8 @@ def test_logprobs_equal_the_python_api(llm, url):
 def test_text_offsets_of_multi_byte_characters_and_stop_strings(llm, url, monkeypatch):
     """The model's tokens are set here (a stand-in for the batcher's call): the bytes of a character all start
     where it does (were: each counted as a U+FFFD, 0 1 2 3 2 for x + the 3 bytes of \u65e5 + x), and the token that
-    completes a stop string starts at most at the text's end (was: after it)."""
+    completes a stop string starts at most at the text's end (was: after it), and so do the tokens before it that
+    the stop string cut (were: where their text stood before the cut, streamed or not)."""
     from codellama_ext.generation import GenerationResult
     tok = llm.tokenizer
     x, ret, value = tok.encode_infilling("x") + tok.encode_infilling("return value")
@@ -194,10 +195,16 @@ def test_text_offsets_of_multi_byte_characters_and_stop_strings(llm, url, monkey
             pass
     for ids, stop, text, offsets in (([x, *hi, x], [], "x\u65e5x", [0, 1, 1, 1, 2]),
                                      ([*hi, *hi], [], "\u65e5\u65e5", [0, 0, 0, 1, 1, 1]),
-                                     ([x, ret, value, x], ["n v"], "xretur", [0, 1, 6])):
+                                     ([x, ret, value, x], ["n v"], "xretur", [0, 1, 6]),
+                                     ([x, ret, value, x], ["rn valuex"], "xretu", [0, 1, 5, 5]),
+                                     ([x, ret, value], ["rn valuex"], "xreturn value", [0, 1, 7])):
         monkeypatch.setattr(llm._batcher, "submit", lambda *a, ids=ids, **k: Tokens(ids))
-        choice = json.loads(post(url, "/v1/completions", {"prompt": "a", "logprobs": 0, "stop": stop})[1])["choices"][0]
+        body = {"prompt": "a", "logprobs": 0, "stop": stop}
+        choice = json.loads(post(url, "/v1/completions", body)[1])["choices"][0]
         assert (choice["text"], choice["logprobs"]["text_offset"]) == (text, offsets)
+        chunks = [c["choices"][0] for c in events(post(url, "/v1/completions", {**body, "stream": True})[1])]
+        assert "".join(c["text"] for c in chunks) == text
+        assert sum((c["logprobs"]["text_offset"] for c in chunks if c["logprobs"]), []) == offsets
 
 
 def test_token_text_writes_partial_characters_as_bytes():
