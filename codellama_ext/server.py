@@ -13,12 +13,12 @@ otherwise the prompt is continued. Defaults are OpenAI's (temperature 1, top_p 1
 runs to EOS or the end of the window). Extensions: "top_k", "repetition_penalty", "prompt_lookup" (as in
 SamplingParams). "n" choices of a prompt are n rows of the batch (the prompt prefilled once, its keys and values
 copied): with a seed each draws its own numbers (reproducibly), greedy ones are equal; choice i * n + j is prompt i's
-j-th. "logprobs" (completions: 0-5 alternatives; chat: true, with "top_logprobs" 0-20) gives each token of the text
-its log-probability under the raw logits; a token that is part of a multi-byte character is written "bytes:\\xNN",
-and completions' text_offset counts characters of the choice's text; streamed, each token comes in a chunk of its
-own. What OpenAI has and this server does not (best_of other than 1, echo, penalties other than 0, logit_bias,
-token-id prompts) is a 400 error, not silently ignored; unknown fields are ignored, as clients send extras such as
-"user". Streams are server-sent events ("data: {chunk}", then "data: [DONE]"); a client that goes away ends its rows.
+j-th. "logprobs" (completions: 0-5 alternatives, plus the sampled token as OpenAI's; chat: true, with
+"top_logprobs" 0-20) gives each token of the text its log-probability under the raw logits; a token that is part of
+a multi-byte character is written "bytes:\\xNN", and completions' text_offset counts characters of the choice's text;
+streamed, each token comes in a chunk of its own once where its text starts is final. What OpenAI has and this
+server does not (best_of other than 1, echo, penalties other than 0, logit_bias, token-id prompts) is a 400 error,
+not silently ignored; unknown fields are ignored, as clients send extras such as "user". Streams are server-sent events ("data: {chunk}", then "data: [DONE]"); a client that goes away ends its rows.
 Errors have OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
 """
 
@@ -92,12 +92,14 @@ def _token_text(data: bytes) -> str:
         return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
 
 
-def _completion_logprobs(tok: CodeLlamaTokenizer, scored: list[Scored], top: int) -> dict:
-    """OpenAI's completions logprobs: text offsets count characters of the choice's text."""
+def _completion_logprobs(tok: CodeLlamaTokenizer, scored: list[Scored]) -> dict:
+    """OpenAI's completions logprobs: text offsets count characters of the choice's text; each top_logprobs entry
+    holds the `logprobs` likeliest tokens and, as OpenAI's, the sampled one (so up to logprobs + 1, and with
+    logprobs 0 the sampled one alone)."""
     def text(i: int) -> str:
         return _token_text(tok.piece_bytes(i))
     return {"tokens": [text(s.id) for s in scored], "token_logprobs": [s.logprob for s in scored],
-            "top_logprobs": [{text(i): lp for i, lp in s.top} for s in scored] if top else None,
+            "top_logprobs": [{text(i): lp for i, lp in s.top} | {text(s.id): s.logprob} for s in scored],
             "text_offset": [s.text_offset for s in scored]}
 
 
@@ -159,7 +161,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
         def choice(i: int, text: str, finish: str | None, scored: list[Scored] | None = None) -> dict:
             return {"index": i, "text": text, "logprobs": None if scored is None else _completion_logprobs(
-                tok, scored, top), "finish_reason": finish}
+                tok, scored), "finish_reason": finish}
         self._answer(body, ids, mode, sp, "cmpl", "text_completion", choice, top)
 
     def _chat(self, body: dict) -> None:

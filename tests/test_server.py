@@ -139,7 +139,7 @@ def test_logprobs_equal_the_python_api(llm, url):
     assert lp["token_logprobs"] == pytest.approx(want.logprobs, abs=1e-5)
     assert lp["tokens"] == [_token_text(tok.piece_bytes(t)) for t in want.tokens]
     assert [list(d) for d in lp["top_logprobs"]] == [[_token_text(tok.piece_bytes(i)) for i, _ in t]
-                                                     for t in want.top_logprobs]
+                                                     for t in want.top_logprobs]  # greedy: the sampled one is first
     assert [v for d in lp["top_logprobs"] for v in d.values()] == pytest.approx(
         [v for t in want.top_logprobs for _, v in t], abs=1e-5)
     # Each token's text is in the choice's text at its offset (a completion drops the first one's leading space;
@@ -148,6 +148,9 @@ def test_logprobs_equal_the_python_api(llm, url):
     assert lp["text_offset"] == sorted(lp["text_offset"])
     for p, at in zip(pieces, lp["text_offset"]):
         assert choice["text"][at:at + 1] == "\ufffd" if p.startswith("bytes:") else choice["text"][at:at + len(p)] == p
+    # logprobs 0: the sampled token alone (OpenAI's entries hold it besides the alternatives)
+    zero = json.loads(post(url, "/v1/completions", {**body, "logprobs": 0})[1])["choices"][0]["logprobs"]
+    assert zero["top_logprobs"] == [{t: v} for t, v in zip(lp["tokens"], lp["token_logprobs"])]
     # Streamed: a chunk per token, whose logprobs add up to the whole.
     chunks = events(post(url, "/v1/completions", {**body, "stream": True})[1])
     parts = [c["choices"][0]["logprobs"] for c in chunks if c["choices"][0]["logprobs"]]
