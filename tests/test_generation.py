@@ -551,6 +551,58 @@ def test_prefill_in_parts_equals_whole_over_random_calls(folder):
     assert sum(fed) > 30
 
 
+def test_steps_launched_ahead_equal_plain_steps_over_random_calls(folder, monkeypatch):
+    """Engine.overlap (each decode step launched before the host reads the ids it feeds; on by default on CUDA,
+    forced here on the CPU): over random calls with stop ids, budgets, rows finished by the consumer, abandoned runs,
+    prompts arriving while others decode (prefilled in parts), penalties, seeded sampling, logprobs, the padded
+    CUDA-graph step emulated and prefix reuse across calls (whose records must hold the ids the launched-ahead
+    steps fed, finished rows' too), the same results as plain steps."""
+    from codellama_ext import generation
+    launched, reused = [], 0
+    to_host = generation._to_host
+    monkeypatch.setattr(generation, "_to_host", lambda t: launched.append(len(t)) or to_host(t))
+    for seed, slots, padded, chunk in ((3, 3, False, 3), (6, 4, True, None)):
+        rng = random.Random(seed)
+        ahead, plain = (Engine(load_model(folder, dtype=torch.float32, max_seq_len=64, max_batch_size=slots))
+                        for _ in range(2))
+        ahead.overlap, plain.overlap = True, False
+        ahead.prefill_chunk = plain.prefill_chunk = chunk
+        if padded:
+            ahead._graphs = {b: generation._DecodeGraph(ahead.model, b, None, capture=False) for b in ahead.buckets}
+        history = [[1] + [rng.randrange(3, 1200) for _ in range(40)]]
+        for _ in range(10):
+            def prompts():
+                return [rng.choice(history)[:rng.randrange(1, 50)] + [rng.randrange(3, 1200)]
+                        for _ in range(rng.choice([1, 2, slots + 1]))]
+            kind = rng.random()
+            sp = (SamplingParams(max_new_tokens=rng.randrange(1, 12)) if kind < 0.4 else
+                  SamplingParams(max_new_tokens=9, repetition_penalty=1.3) if kind < 0.6 else
+                  SamplingParams(max_new_tokens=9, temperature=0.9, seed=rng.randrange(99)))
+            first, later = prompts(), {rng.randrange(4): prompts() for _ in range(rng.choice([0, 1, 2]))}
+            stops, logprobs = rng.choice([[], [EOS, 110, 893]]), rng.random() < 0.3
+            finish, abandon = (rng.randrange(5), rng.randrange(len(first))), rng.choice([None, None, 2, 5])
+            results = []
+            for engine in (ahead, plain):
+                run = engine.run(first, sp, stops, logprobs)
+                for step, _ in enumerate(run):
+                    if step in later:
+                        run.add(later[step], sp, stops, logprobs)
+                    if step == finish[0]:
+                        run.finish(finish[1])
+                    if step + 1 == abandon:
+                        run.close()
+                results.append(run.results)
+            assert len(results[0]) == len(results[1])
+            for a, b in zip(*results):
+                # (cached_tokens may differ: a finished row's slot holds one id more after a step launched ahead)
+                assert (a.tokens, a.finish_reason) == (b.tokens, b.finish_reason)
+                if logprobs:
+                    assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+                reused += a.cached_tokens
+                history.append((history[0] + a.tokens)[:50])
+    assert reused > 100 and len(launched) > 50 and max(launched) > 1
+
+
 def test_prompt_lookup_equals_greedy(folder, hf):
     """Drafts checked in one forward give plain greedy's tokens, logprobs and finish reasons (and transformers'),
     with budgets and the window end cutting a draft, alone and in batches (rows drafting at different steps,
@@ -642,6 +694,10 @@ def test_cuda_graph_decode_equals_eager(folder_d64):
     graphed = graphed_engine.generate(prompts, sp, [EOS], logprobs=True)
     assert graphed_engine.buckets == [1, 2, 4, 5] and graphed_engine._graphs is not None
     assert [r.tokens for r in graphed] == [r.tokens for r in eager]
+    plain = Engine(model)
+    plain.overlap = False  # each step launched after the host read the ids it feeds (graphed_engine: before)
+    assert graphed_engine.overlap
+    assert [r.tokens for r in plain.generate(prompts, sp, [EOS])] == [r.tokens for r in graphed]
     for g, e in zip(graphed, eager):
         assert g.logprobs == pytest.approx(e.logprobs, abs=1e-5)
     # and the CPU engine agrees on the ids
