@@ -80,12 +80,17 @@ gemv_kernel(T* __restrict__ y, const T* __restrict__ x, int64_t x_stride, const 
   if (n0 >= N) return;  // uniform over the warp: the shuffles below see all 32 lanes
   const W* wr[R];
   const float* sr[R];
+  float s_row[R];  // G == 1: the row's one scale, read once
 #pragma unroll
   for (int r = 0; r < R; ++r) {
     const int64_t n = n0 + r < N ? n0 + r : N - 1;  // past N: recomputes row N - 1, never stored
     wr[r] = w + n * K;
     sr[r] = kScaled ? scales + n * G : nullptr;
+    s_row[r] = kScaled && G == 1 ? sr[r][0] : 0.f;
   }
+  // The group of weight k in 32 bits (the host guarantees K < 2^31): a 64-bit division by a runtime divisor
+  // costs tens of instructions, once per 16-byte step, in a loop of ~5 instructions per weight.
+  const uint32_t gs32 = static_cast<uint32_t>(gs);
   const T* xr[MB];
 #pragma unroll
   for (int m = 0; m < MB; ++m) xr[m] = x + (m < M ? m : M - 1) * x_stride;
@@ -102,7 +107,8 @@ gemv_kernel(T* __restrict__ y, const T* __restrict__ x, int64_t x_stride, const 
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       unpack(wv[r], wf[r], wr[r]);
-      if constexpr (kScaled) s[r] = sr[r][k / gs];  // gs % E == 0: the E weights share one group
+      // gs % E == 0: the E weights share one group
+      if constexpr (kScaled) s[r] = G == 1 ? s_row[r] : sr[r][static_cast<uint32_t>(k) / gs32];
     }
 #pragma unroll
     for (int m = 0; m < MB; ++m) {
@@ -190,7 +196,7 @@ void launch_gemv(T* y, const T* x, int64_t x_stride, const W* w, const float* sc
   const int m = static_cast<int>(M);
   // 16-byte steps need: W rows and x rows 16-byte aligned, whole steps per row, whole steps per group.
   const bool vec = aligned16(w) && aligned16(x) && K % E == 0 && (x_stride * sizeof(T)) % 16 == 0 &&
-                   (!kScaled || gs % E == 0);
+                   (!kScaled || gs % E == 0) && K <= 0x7fffffff;
   if (!vec) {
     const dim3 grid(static_cast<unsigned>((N + kWarps - 1) / kWarps));
     gemv_scalar_kernel<T, W, kScaled><<<grid, kWarps * 32, 0, stream>>>(y, x, x_stride, w, scales, m, N, K, gs, G);
