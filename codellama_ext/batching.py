@@ -8,7 +8,7 @@ resumed from any thread, one at a time), and hands each step's tokens to the cal
 caller drives its own generation on its own thread, as without batching.
 
 A call cannot join a run of another kind (another Engine over the same model, another vocabulary limit, or a
-drafting run, for a call that samples or has a repetition penalty; a prompt_lookup call joins a plain run and
+drafting run, for a call that samples or has a penalty; a prompt_lookup call joins a plain run and
 decodes plainly, to the same tokens); it waits until that run ends, and while it waits the run takes no new calls and no
 call that came after it starts the next run, so it cannot be starved. A call that ends early (a stop string, a
 closed or abandoned stream) has its rows finished before the next step. An exception while stepping

@@ -314,6 +314,12 @@ def _sampling_arguments(p) -> None:
     p.add_argument("--repetition-penalty", "--repetition_penalty", dest="repetition_penalty",
                    type=_float_in(0, float("inf"), lo_open=True, hi_open=True), default=1.0,
                    help="> 1 discourages repeating tokens (default 1.0: off)")
+    p.add_argument("--presence-penalty", "--presence_penalty", dest="presence_penalty", type=_float_in(-2, 2),
+                   default=0.0, help="OpenAI's: subtracted from the logit of every token generated so far, "
+                                     "in [-2, 2] (default 0: off)")
+    p.add_argument("--frequency-penalty", "--frequency_penalty", dest="frequency_penalty", type=_float_in(-2, 2),
+                   default=0.0, help="OpenAI's: times how often a token was generated so far, subtracted from its "
+                                     "logit, in [-2, 2] (default 0: off)")
     p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible (same device and dtype)")
     p.add_argument("--stop", action="append", type=_text, default=None, metavar="TEXT",
                    help="stop when this text is generated (repeatable; the text is not printed)")
@@ -400,7 +406,7 @@ def _load(ns, max_batch_size: int = 1):
 
 def _sampling(ns) -> dict:
     return {k: getattr(ns, k) for k in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty",
-                                        "seed", "stop", "prompt_lookup")}
+                                        "presence_penalty", "frequency_penalty", "seed", "stop", "prompt_lookup")}
 
 
 def _write_stream(deltas, newline: bool | None = None) -> str:

@@ -45,6 +45,8 @@ _LOOKUP_MAX_WAIT = 15  # the most plain steps between drafts after rejected ones
 # The fewest ids worth copying from another slot's keys and values (a copy per layer per placement; shorter shared
 # prefixes, such as BOS alone, are recomputed).
 _MIN_COPY = 16
+# A row's seen counts (Run): this bit for a token of its prompt, plus how many times it was generated.
+_IN_PROMPT = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -52,9 +54,11 @@ class SamplingParams:
     """How to pick tokens. temperature 0 = greedy (and below 1e-30, where logits / temperature could overflow fp32:
     the limit of sampling as the temperature goes to 0 is the argmax); top_k 0 = off; top_p 1 = off (Meta's rule:
     drop the tokens whose probability mass before them exceeds top_p); repetition_penalty as HF's (logits of every
-    token already in the prompt or output divided by it when positive, multiplied when negative); stop: strings
-    that end the text (the text before the first one is returned); seed: reproducible sampling on one device and
-    dtype. prompt_lookup: greedy only; per row, draft up to this many tokens by copying what followed
+    token already in the prompt or output divided by it when positive, multiplied when negative); presence_penalty
+    and frequency_penalty as OpenAI's, in [-2, 2] (each logit less frequency_penalty times the number of times its
+    token was generated so far, and less presence_penalty if it was at all; generated tokens only, as vLLM's;
+    after the repetition penalty); stop: strings that end the text (the text before the first one is returned);
+    seed: reproducible sampling on one device and dtype. prompt_lookup: greedy without penalties; per row, draft up to this many tokens by copying what followed
     the latest earlier occurrence of the text's last 1-3 tokens (in the prompt or output; code repeats itself) and
     check them all in one forward: the same tokens as plain greedy decoding, several per step when the draft is
     right (0 = off)."""
@@ -64,6 +68,8 @@ class SamplingParams:
     top_p: float = 0.9
     top_k: int = 0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
     prompt_lookup: int = 0
@@ -92,6 +98,10 @@ class SamplingParams:
                                                           and self.repetition_penalty > 0):
             raise ValueError(f"repetition_penalty must be a finite number > 0 (1 = off), "
                              f"got {self.repetition_penalty!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _is_real(v) or not -2 <= v <= 2:
+                raise ValueError(f"{name} must be a number in [-2, 2] (0 = off), got {v!r}")
         if not all(isinstance(s, str) and s for s in stop):
             raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
@@ -101,16 +111,21 @@ class SamplingParams:
             raise ValueError(f"prompt_lookup must be an integer >= 0 (0 = off), got {self.prompt_lookup!r}")
         if self.prompt_lookup and not self.checks_drafts:
             raise ValueError("prompt_lookup drafts are checked against greedy choices: it needs temperature 0 and "
-                             "no repetition_penalty")
+                             "no repetition, presence or frequency penalty")
 
     @property
     def greedy(self) -> bool:
         return self.temperature < _MIN_SAMPLING_TEMPERATURE
 
     @property
+    def penalised(self) -> bool:
+        """Whether a penalty reads the row's seen counts."""
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+    @property
     def checks_drafts(self) -> bool:
-        """Whether rows with these parameters can be in a drafting run: greedy, no repetition penalty."""
-        return self.greedy and self.repetition_penalty == 1
+        """Whether rows with these parameters can be in a drafting run: greedy, no penalty."""
+        return self.greedy and not self.penalised
 
 
 def check_top_logprobs(logprobs: bool, top_logprobs: int, vocab: int) -> None:
@@ -553,9 +568,9 @@ class Run:
         all of each with chunk None, else at most `chunk` tokens in all, first come first; in the same forward,
         the last token of each of the `decoding` rows (their decode step: one reading of the weights for both).
         Returns the decoding rows' logits [d, V] (None without any), the rows whose prompts are now whole in the
-        cache (they leave `filling`) and their last-token logits [k, V], next positions [k], slots [k], seen masks
-        [k, V] (prompt tokens count as seen, as in HF's repetition penalty; None in a drafting run, which has no
-        penalty)."""
+        cache (they leave `filling`) and their last-token logits [k, V], next positions [k], slots [k], seen counts
+        [k, V] int32 (_IN_PROMPT for the prompt's tokens, which HF's repetition penalty counts as seen; None in a
+        drafting run, which has no penalty)."""
         model = self.engine.model
         dev = model.device
         rows, ends, room = [], [], chunk
@@ -586,22 +601,24 @@ class Run:
         lens = [len(self.prompts[r]) for r in rows]
         seen = None
         if not self.lookup:
-            seen = torch.zeros(len(rows), model.args.vocab_size, dtype=torch.bool, device=dev)
+            seen = torch.zeros(len(rows), model.args.vocab_size, dtype=torch.int32, device=dev)
             flat = torch.tensor([t for r in rows for t in self.prompts[r]], dtype=torch.int64, device=dev)
             seen[torch.repeat_interleave(torch.arange(len(rows), device=dev), torch.tensor(lens, device=dev)),
-                 flat] = True
+                 flat] = _IN_PROMPT
         return decoded, rows, (logits, torch.tensor(lens, dtype=torch.int32, device=dev),
                                torch.tensor(slots, dtype=torch.int32, device=dev), seen)
 
     def _row_args(self, rows: list[int]) -> tuple[torch.Tensor, ...]:
-        """Per-row repetition penalty [n, 1], greedy mask [n], temperature / top-k / top-p [n] of `rows`, on the
-        device (greedy rows get a valid placeholder: their tokens come from argmax); () when every row is greedy
-        without a penalty (nothing to copy to the device)."""
+        """Per-row repetition / presence / frequency penalties [n, 1], greedy mask [n], temperature / top-k / top-p
+        [n] of `rows`, on the device (greedy rows get a valid placeholder: their tokens come from argmax); () when
+        every row is greedy without a penalty (nothing to copy to the device)."""
         dev, vocab = self.engine.model.device, self.engine.model.args.vocab_size
         ps = [self._params[r] for r in rows]
         if all(p.checks_drafts for p in ps):
             return ()
-        return (torch.tensor([[p.repetition_penalty] for p in ps], dtype=torch.float32, device=dev),
+        penalties = torch.tensor([[p.repetition_penalty, p.presence_penalty, p.frequency_penalty] for p in ps],
+                                 dtype=torch.float32, device=dev)
+        return (*penalties.split(1, dim=1),
                 torch.tensor([p.greedy for p in ps], dtype=torch.bool, device=dev),
                 torch.tensor([1.0 if p.greedy else p.temperature for p in ps], dtype=torch.float32, device=dev),
                 torch.tensor([min(p.top_k, vocab) for p in ps], dtype=torch.int32, device=dev),
@@ -630,22 +647,26 @@ class Run:
         log-probability under the raw logits, the row's top_logprobs alternatives or None); else None."""
         raw = logits
         ps = [self._params[r] for r in rows]
-        # Only rows with a penalty read their seen masks: without one in the batch, no mask is kept up to date.
-        penalised = seen is not None and any(p.repetition_penalty != 1 for p in ps)
-        if penalised:  # HF RepetitionPenaltyLogitsProcessor
-            rp = args[0]
-            logits = torch.where(seen, torch.where(logits < 0, logits * rp, logits / rp), logits)
+        # Only rows with a penalty read their seen counts: without one in the batch, none is kept up to date.
+        penalised = seen is not None and any(p.penalised for p in ps)
+        if penalised:
+            rp, presence, frequency = args[:3]
+            if any(p.repetition_penalty != 1 for p in ps):  # HF RepetitionPenaltyLogitsProcessor
+                logits = torch.where(seen != 0, torch.where(logits < 0, logits * rp, logits / rp), logits)
+            if any(p.presence_penalty or p.frequency_penalty for p in ps):  # OpenAI's, on generated tokens
+                generated = (seen & (_IN_PROMPT - 1)).float()
+                logits = logits - generated * frequency - (generated > 0).float() * presence
         if self._vocab is not None:
             logits = logits[:, :self._vocab].contiguous()
         if all(p.greedy for p in ps):
             tok = ops.argmax(logits)
         else:
-            _, greedy, temperature, top_k, top_p = args
+            greedy, temperature, top_k, top_p = args[3:]
             tok = ops.sample(logits, temperature, top_k, top_p, self._uniforms(rows))
             if any(p.greedy for p in ps):
                 tok = torch.where(greedy, ops.argmax(logits), tok)
         if penalised:
-            seen[torch.arange(len(rows), device=seen.device), tok] = True
+            seen[torch.arange(len(rows), device=seen.device), tok] += 1
         want = [self._top[r] for r in rows if self._results[r].logprobs is not None]
         if not want:
             return tok, None
@@ -766,7 +787,7 @@ class Run:
             logits = torch.empty(0, model.args.vocab_size, dtype=torch.float32, device=dev)
             pos = torch.empty(0, dtype=torch.int32, device=dev)
             slot = torch.empty(0, dtype=torch.int32, device=dev)
-            seen = None if self.lookup else torch.empty(0, model.args.vocab_size, dtype=torch.bool, device=dev)
+            seen = None if self.lookup else torch.empty(0, model.args.vocab_size, dtype=torch.int32, device=dev)
         # Rows end from outside between steps; those ended before the first one are dropped here, the rest after
         # each step's yield.
         queue[:] = [r for r in queue if not self._done[r]]

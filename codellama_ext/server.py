@@ -10,15 +10,16 @@ threading HTTP server, one thread per connection; concurrent requests decode in 
 
 Completions: with "suffix", or a prompt holding <FILL_ME>, the text is infilled and the choice's text is the middle;
 otherwise the prompt is continued. Defaults are OpenAI's (temperature 1, top_p 1, completions max_tokens 16; chat
-runs to EOS or the end of the window). Extensions: "top_k", "repetition_penalty", "prompt_lookup" (as in
+runs to EOS or the end of the window); "presence_penalty" and "frequency_penalty" are OpenAI's. Extensions: "top_k", "repetition_penalty", "prompt_lookup" (as in
 SamplingParams). "n" choices of a prompt are n rows of the batch (the prompt prefilled once, its keys and values
 copied): with a seed each draws its own numbers (reproducibly), greedy ones are equal; choice i * n + j is prompt i's
 j-th. "logprobs" (completions: 0-5 alternatives, plus the sampled token as OpenAI's; chat: true, with
 "top_logprobs" 0-20) gives each token of the text its log-probability under the raw logits; a token that is part of
 a multi-byte character is written "bytes:\\xNN", and completions' text_offset counts characters of the choice's text;
 streamed, each token comes in a chunk of its own once where its text starts is final. What OpenAI has and this
-server does not (best_of other than 1, echo, penalties other than 0, logit_bias, token-id prompts) is a 400 error,
-not silently ignored; unknown fields are ignored, as clients send extras such as "user". Streams are server-sent events ("data: {chunk}", then "data: [DONE]"); a client that goes away ends its rows.
+server does not (best_of other than 1, echo, logit_bias, token-id prompts) is a 400 error, not silently ignored;
+unknown fields are ignored, as clients send extras such as "user". Streams are server-sent events ("data:
+{chunk}", then "data: [DONE]"); a client that goes away ends its rows.
 Errors have OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
 """
 
@@ -39,8 +40,7 @@ from .tokenizer import CodeLlamaTokenizer
 __all__ = ["make_server"]
 
 # OpenAI's fields this server does not implement -> the values that ask for nothing beyond what it does
-_UNSUPPORTED = {"best_of": (1,), "echo": (False,), "frequency_penalty": (0,), "presence_penalty": (0,),
-                "logit_bias": ({},)}
+_UNSUPPORTED = {"best_of": (1,), "echo": (False,), "logit_bias": ({},)}
 _MAX_BODY = 16 << 20
 _MAX_N = 128  # OpenAI's limit on choices per prompt
 _MAX_TOP = {"completions": 5, "chat": 20}  # OpenAI's limits on logprobs alternatives
@@ -75,6 +75,8 @@ def _sampling(body: dict, max_tokens: int) -> SamplingParams:
               top_k=_field(body, "top_k", (int,), 0, lambda v: v >= 0, "an integer >= 0"),
               repetition_penalty=_field(body, "repetition_penalty", (int, float), 1.0, lambda v: v > 0,
                                         "a number > 0"),
+              **{name: _field(body, name, (int, float), 0.0, lambda v: -2 <= v <= 2, "a number in [-2, 2]")
+                 for name in ("presence_penalty", "frequency_penalty")},
               seed=_field(body, "seed", (int,), None, rule="an integer"),
               prompt_lookup=_field(body, "prompt_lookup", (int,), 0, lambda v: v >= 0, "an integer >= 0"),
               stop=[s for s in ([stop] if isinstance(stop, str) else stop) if s])  # OpenAI ignores empty stops

@@ -124,11 +124,12 @@ def test_missing_default_model_is_one_line(capsys, monkeypatch, tmp_path):
 
 
 def test_complete_sampling_flags_match_api(folders, llm, capsys, monkeypatch):
-    kw = dict(max_new_tokens=10, temperature=0.8, top_p=0.95, top_k=40, repetition_penalty=1.3, seed=7)
+    kw = dict(max_new_tokens=10, temperature=0.8, top_p=0.95, top_k=40, repetition_penalty=1.3, presence_penalty=0.5,
+              frequency_penalty=-0.25, seed=7)
     want = llm.complete(CODE, **kw)
     rc, out, _ = run_cli(capsys, monkeypatch, "complete", CODE, *on_cpu(folders["infill"]), "--max-new-tokens", 10,
                          "--temperature", 0.8, "--top-p", 0.95, "--top-k", 40, "--repetition-penalty", 1.3,
-                         "--seed", 7)
+                         "--presence-penalty", 0.5, "--frequency-penalty", -0.25, "--seed", 7)
     assert (rc, out) == (0, want)
 
 
@@ -225,6 +226,7 @@ def test_chat_interactive_skips_a_line_that_is_not_utf8(folders, llm, capsys, mo
     (["complete", "x", "--top-k", "-3"], 2, ["--top-k"]),
     (["complete", "x", "--max-new-tokens", "0"], 2, ["--max-new-tokens"]),
     (["complete", "x", "--repetition-penalty", "nan"], 2, ["--repetition-penalty"]),
+    (["complete", "x", "--presence-penalty", "2.5"], 2, ["--presence-penalty", "[-2, 2]"]),
     (["complete", "x", "--device", "tpu"], 2, ["--device", "tpu"]),
     (["complete", "x", "--quantize", "int4"], 2, ["--quantize"]),
     (["chat", "--bogus"], 2, ["--bogus"]),

@@ -173,6 +173,41 @@ def test_repetition_penalty_matches_transformers(engine, hf, expected):
     assert changed  # the penalty changes an output, or this test would prove nothing
 
 
+class OpenAIPenalties:
+    """transformers logits processor: OpenAI's presence and frequency penalties on the generated ids (the rule of
+    SamplingParams' docstring, written independently of the engine's)."""
+
+    def __init__(self, prompt_len: int, presence: float, frequency: float):
+        self.prompt_len, self.presence, self.frequency = prompt_len, presence, frequency
+
+    def __call__(self, input_ids, scores):
+        generated = input_ids[:, self.prompt_len:]
+        counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
+
+
+def test_presence_and_frequency_penalties_match_transformers(engine, hf, expected):
+    """Greedy with the penalties (and with HF's repetition penalty before them) equals transformers' generate with
+    OpenAIPenalties, alone and in a batch beside unpenalised rows."""
+    from transformers import LogitsProcessorList
+    prompts, changed = random_prompts(3), False
+    for presence, frequency, repetition in ((1.5, 0.0, 1.0), (0.0, 0.7, 1.0), (-0.5, 0.4, 1.3)):
+        sp = SamplingParams(max_new_tokens=N_NEW, presence_penalty=presence, frequency_penalty=frequency,
+                            repetition_penalty=repetition)
+        refs = [hf_greedy(hf, p, N_NEW, repetition_penalty=repetition,
+                          logits_processor=LogitsProcessorList([OpenAIPenalties(len(p), presence, frequency)]))[0]
+                for p in prompts]
+        assert [r.tokens for r in engine.generate(prompts, sp, [EOS])] == refs
+        changed |= refs != [greedy for greedy, _ in expected[:3]]
+        run = engine.run(prompts[:1], SamplingParams(max_new_tokens=N_NEW), [EOS])
+        for i, _ in enumerate(run):
+            if i == 1:
+                penalised = run.add(prompts[1:2], sp, [EOS])
+        assert run.results[penalised[0]].tokens == refs[1]
+        assert run.results[0].tokens == expected[0][0]
+    assert changed  # the penalties change outputs, or this test would prove nothing
+
+
 def test_top_k_1_equals_greedy_and_seeded_sampling_reproduces(engine, expected):
     prompts = random_prompts(4)
     greedy = engine.generate(prompts, SamplingParams(max_new_tokens=N_NEW), [EOS])
@@ -228,6 +263,9 @@ def test_bad_prompt_ids(engine, prompts, match):
     (dict(top_p=1.5), "top_p"),
     (dict(top_k=-1), "top_k must be an integer >= 0"),
     (dict(repetition_penalty=0.0), "repetition_penalty must be a finite number > 0"),
+    (dict(presence_penalty=2.5), r"presence_penalty must be a number in \[-2, 2\]"),
+    (dict(frequency_penalty=float("nan")), "frequency_penalty must be a number in"),
+    (dict(frequency_penalty="1"), "frequency_penalty must be a number in"),
     (dict(stop=["ok", ""]), "stop must be a non-empty string"),
     (dict(stop=5), "stop must be a non-empty string or a list of them, got 5"),  # was: TypeError, not iterable
     (dict(stop=b"ab"), r"got b'ab'"),  # was: accepted as the ints (97, 98), then refused naming them
@@ -508,6 +546,23 @@ def test_prefix_reuse_equals_no_reuse_over_random_calls(folder):
     assert reused > 200
 
 
+def history_prompts(rng: random.Random, history: list[list[int]], longest: int, slots: int) -> list[list[int]]:
+    """1, 2 or slots + 1 prompts: a prefix (shorter than `longest`) of an earlier prompt or output, and a new id."""
+    return [rng.choice(history)[:rng.randrange(1, longest)] + [rng.randrange(3, 1200)]
+            for _ in range(rng.choice([1, 2, slots + 1]))]
+
+
+def random_params(rng: random.Random, drafting: bool = True) -> SamplingParams:
+    """Greedy, penalised (HF's repetition penalty; OpenAI's presence and frequency), seeded-sampling or (drafting)
+    prompt-lookup parameters."""
+    kind = rng.random()
+    return (SamplingParams(max_new_tokens=rng.randrange(2, 12)) if kind < 0.3 else
+            SamplingParams(max_new_tokens=8, repetition_penalty=1.3) if kind < 0.42 else
+            SamplingParams(max_new_tokens=8, presence_penalty=0.8, frequency_penalty=0.5) if kind < 0.5 else
+            SamplingParams(max_new_tokens=8, temperature=0.9, seed=rng.randrange(99)) if kind < 0.8 or not drafting
+            else SamplingParams(max_new_tokens=10, prompt_lookup=3))
+
+
 def test_prefill_in_parts_equals_whole_over_random_calls(folder):
     """Prompts arriving while others decode, prefilled a few tokens per step (prefix reuse on, so parts start
     anywhere; with the padded CUDA-graph step emulated, which at times finds too few free slots and runs eagerly),
@@ -527,15 +582,9 @@ def test_prefill_in_parts_equals_whole_over_random_calls(folder):
         parts.prefill = lambda *a: fed.append(sum(len(p) == chunk for p in a[1])) or prefill(*a)
         history = [[1] + [rng.randrange(3, 1200) for _ in range(50)]]
         for _ in range(8):
-            def prompts():
-                return [rng.choice(history)[:rng.randrange(1, 60)] + [rng.randrange(3, 1200)]
-                        for _ in range(rng.choice([1, 2, slots + 1]))]
-            kind = rng.random()
-            sp = (SamplingParams(max_new_tokens=rng.randrange(2, 12)) if kind < 0.3 else
-                  SamplingParams(max_new_tokens=8, repetition_penalty=1.3) if kind < 0.5 else
-                  SamplingParams(max_new_tokens=8, temperature=0.9, seed=rng.randrange(99)) if kind < 0.8 else
-                  SamplingParams(max_new_tokens=10, prompt_lookup=3))
-            first, later = prompts(), {rng.randrange(4): prompts() for _ in range(rng.choice([1, 2]))}
+            sp = random_params(rng)
+            first = history_prompts(rng, history, 60, slots)
+            later = {rng.randrange(4): history_prompts(rng, history, 60, slots) for _ in range(rng.choice([1, 2]))}
             stops = rng.choice([[], [EOS, 110, 893]])
             results = []
             for engine in (parts, whole):
@@ -571,14 +620,9 @@ def test_steps_launched_ahead_equal_plain_steps_over_random_calls(folder, monkey
             ahead._graphs = {b: generation._DecodeGraph(ahead.model, b, None, capture=False) for b in ahead.buckets}
         history = [[1] + [rng.randrange(3, 1200) for _ in range(40)]]
         for _ in range(10):
-            def prompts():
-                return [rng.choice(history)[:rng.randrange(1, 50)] + [rng.randrange(3, 1200)]
-                        for _ in range(rng.choice([1, 2, slots + 1]))]
-            kind = rng.random()
-            sp = (SamplingParams(max_new_tokens=rng.randrange(1, 12)) if kind < 0.4 else
-                  SamplingParams(max_new_tokens=9, repetition_penalty=1.3) if kind < 0.6 else
-                  SamplingParams(max_new_tokens=9, temperature=0.9, seed=rng.randrange(99)))
-            first, later = prompts(), {rng.randrange(4): prompts() for _ in range(rng.choice([0, 1, 2]))}
+            sp = random_params(rng, drafting=False)
+            first = history_prompts(rng, history, 50, slots)
+            later = {rng.randrange(4): history_prompts(rng, history, 50, slots) for _ in range(rng.choice([0, 1, 2]))}
             stops, logprobs = rng.choice([[], [EOS, 110, 893]]), rng.random() < 0.3
             finish, abandon = (rng.randrange(5), rng.randrange(len(first))), rng.choice([None, None, 2, 5])
             results = []
@@ -671,8 +715,9 @@ def test_prompt_lookup_drafts_for_several_rows_at_once(folder):
 def test_prompt_lookup_refused_with_sampling():
     with pytest.raises(ValueError, match="prompt_lookup must be an integer >= 0"):
         SamplingParams(prompt_lookup=-1)
-    for kw in (dict(temperature=0.7), dict(repetition_penalty=1.2)):
-        with pytest.raises(ValueError, match="needs temperature 0 and no repetition_penalty"):
+    for kw in (dict(temperature=0.7), dict(repetition_penalty=1.2), dict(presence_penalty=0.1),
+               dict(frequency_penalty=-0.1)):
+        with pytest.raises(ValueError, match="needs temperature 0 and no repetition, presence or frequency"):
             SamplingParams(prompt_lookup=4, **kw)
 
 

@@ -96,9 +96,11 @@ def test_chat_and_sampling_fields(llm, url):
     assert out["choices"][0]["message"] == {"role": "assistant", "content": llm.chat(DIALOGS[0], max_new_tokens=N)}
     # OpenAI's defaults: temperature 1 and top_p 1 (not SamplingParams' 0 and 0.9); our extensions pass through
     status, text = post(url, "/v1/completions", {"prompt": COMPLETE[0], "max_tokens": N, "seed": 5, "top_k": 40,
-                                                 "repetition_penalty": 1.2})
+                                                 "repetition_penalty": 1.2, "presence_penalty": 0.5,
+                                                 "frequency_penalty": 1})
     assert json.loads(text)["choices"][0]["text"] == llm.complete(
-        COMPLETE[0], max_new_tokens=N, temperature=1.0, top_p=1.0, top_k=40, repetition_penalty=1.2, seed=5)
+        COMPLETE[0], max_new_tokens=N, temperature=1.0, top_p=1.0, top_k=40, repetition_penalty=1.2,
+        presence_penalty=0.5, frequency_penalty=1.0, seed=5)
     status, text = post(url, "/v1/completions", {"prompt": COMPLETE[0], "max_completion_tokens": 3,
                                                  "temperature": 0, "prompt_lookup": 2})
     assert json.loads(text)["choices"][0]["text"] == llm.complete(COMPLETE[0], max_new_tokens=3)
@@ -221,6 +223,7 @@ def test_token_text_writes_partial_characters_as_bytes():
     ("/v1/completions", {"prompt": "x", "best_of": 2}, 400, r"best_of=2 is not supported .*\(only 1\)"),
     ("/v1/completions", {"prompt": "x", "logprobs": 6}, 400, r"logprobs must be an integer in \[0, 5\] or null"),
     ("/v1/completions", {"prompt": "x", "echo": True}, 400, "echo=True is not supported"),
+    ("/v1/completions", {"prompt": "x", "frequency_penalty": -3}, 400, r"frequency_penalty must be a number in \[-2"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400,
      "top_logprobs needs logprobs: true"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": 1}, 400,
