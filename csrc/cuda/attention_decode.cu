@@ -1,8 +1,11 @@
 // Decode attention, split-K over the sequence ("flash-decoding"):
 //   split s of sequence b, query heads of one kv group: m_s = max of its scores, p = round(exp(s - m_s)),
 //   l_s = sum of the unrounded exp, acc_s = sum p v; combine: out = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M).
-// The number of splits depends on shapes only (decode_num_splits), so the launch is CUDA-graph capturable;
-// splits past seq_len write empty partials (m = -inf, l = 0, acc = 0). Each block handles up to 8 query heads
+// The number of splits depends on shapes only (decode_num_splits), so the launch is CUDA-graph capturable; each
+// sequence's keys are spread evenly over them (at most `chunk` per split, the score buffer's stride), so a short
+// sequence in a long cache still has every split's block working on it (with splits of `chunk` keys from 0, one
+// block per head did all of a short sequence: 9.6 us per 7B layer at 80 keys on an H200); splits with no keys
+// write empty partials (m = -inf, l = 0, acc = 0). Each block handles up to 8 query heads
 // of one kv group, so each K/V row is read once per group. A block works in three phases with one barrier
 // between them, so each phase is a long run of independent loads: (1) all scores of the split into shared
 // memory (8 lanes per key row), (2) per head one warp takes the max and the exponentials, (3) P.v with each
@@ -19,7 +22,7 @@ namespace {
 
 constexpr int kThreads = 128;  // 4 warps
 constexpr int kWarps = kThreads / 32;
-constexpr int kTile = 64;      // split lengths are whole tiles
+constexpr int kTile = 64;      // the score buffer's per-head stride (chunk) is whole tiles
 constexpr int kMaxGroup = 8;   // query heads per block
 
 // E consecutive elements of p (16-byte aligned) as floats, with 16-byte loads.
@@ -60,8 +63,9 @@ decode_split_kernel(const T* __restrict__ q, int64_t q_rs, int64_t q_hs, const T
   int64_t len = seq_lens[b];
   if (slot < 0 || slot >= Bc) len = 0;
   len = len < 0 ? 0 : (len > S ? S : len);
-  const int64_t k0 = static_cast<int64_t>(split) * chunk;
-  const int n = static_cast<int>(k0 >= len ? 0 : (len - k0 < chunk ? len - k0 : chunk));
+  const int64_t per = (len + splits - 1) / splits;  // <= chunk: len <= S <= splits * chunk
+  const int64_t k0 = static_cast<int64_t>(split) * per;
+  const int n = static_cast<int>(k0 >= len ? 0 : (len - k0 < per ? len - k0 : per));
   if (n == 0) {  // empty split (uniform over the block)
     for (int i = tid; i < GB * D; i += kThreads) {
       const int g = i / D, d = i - g * D;

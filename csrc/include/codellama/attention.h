@@ -66,7 +66,8 @@ inline int64_t decode_heads_per_block(int64_t q_heads, int64_t kv_heads) {
 constexpr int64_t kDecodeMaxScores = 4096;
 // Split-K decode ("flash-decoding"): number of splits of the cache capacity. A pure function of the shapes
 // (never of device values), so a launch is CUDA-graph capturable: aims at ~1024 blocks of (split, kv-head group,
-// sequence) with at least 128 keys per split, and enough splits for each one's scores to fit kDecodeMaxScores.
+// sequence) with at least 128 cache positions per split, and enough splits for a split's scores to fit
+// kDecodeMaxScores.
 inline int64_t decode_num_splits(int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t capacity) {
   const int64_t hpb = decode_heads_per_block(q_heads, kv_heads);
   const int64_t groups = std::max<int64_t>(1, q_heads / hpb);
