@@ -57,7 +57,9 @@ class SamplingParams:
     token already in the prompt or output divided by it when positive, multiplied when negative); presence_penalty
     and frequency_penalty as OpenAI's, in [-2, 2] (each logit less frequency_penalty times the number of times its
     token was generated so far, and less presence_penalty if it was at all; generated tokens only, as vLLM's;
-    after the repetition penalty); stop: strings that end the text (the text before the first one is returned);
+    after the repetition penalty); logit_bias: OpenAI's, {token id: bias in [-100, 100]} added to those logits
+    after the penalties (kept as sorted (id, bias) pairs); stop: strings that end the text (the text before the first
+    one is returned);
     seed: reproducible sampling on one device and dtype. prompt_lookup: greedy without penalties; per row, draft up to this many tokens by copying what followed
     the latest earlier occurrence of the text's last 1-3 tokens (in the prompt or output; code repeats itself) and
     check them all in one forward: the same tokens as plain greedy decoding, several per step when the draft is
@@ -70,6 +72,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
     stop: tuple[str, ...] = ()
     seed: int | None = None
     prompt_lookup: int = 0
@@ -102,6 +105,17 @@ class SamplingParams:
             v = getattr(self, name)
             if not _is_real(v) or not -2 <= v <= 2:
                 raise ValueError(f"{name} must be a number in [-2, 2] (0 = off), got {v!r}")
+        bias = {} if self.logit_bias is None else self.logit_bias
+        pairs = list(bias.items()) if isinstance(bias, dict) else bias if isinstance(bias, (list, tuple)) else None
+        if pairs is None or not all(isinstance(pair, (list, tuple)) and len(pair) == 2 for pair in pairs):
+            raise ValueError(f"logit_bias must map token ids to biases (a dict), got {bias!r}")
+        for i, b in pairs:
+            if isinstance(i, bool) or not isinstance(i, int) or i < 0 or not _is_real(b) or not -100 <= b <= 100:
+                raise ValueError(f"logit_bias must map token ids (integers >= 0) to numbers in [-100, 100], "
+                                 f"got {i!r}: {b!r}")
+        if len({i for i, _ in pairs}) != len(pairs):
+            raise ValueError("logit_bias names a token id twice")
+        object.__setattr__(self, "logit_bias", tuple(sorted((i, float(b)) for i, b in pairs)))
         if not all(isinstance(s, str) and s for s in stop):
             raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
@@ -110,8 +124,8 @@ class SamplingParams:
         if isinstance(self.prompt_lookup, bool) or not isinstance(self.prompt_lookup, int) or self.prompt_lookup < 0:
             raise ValueError(f"prompt_lookup must be an integer >= 0 (0 = off), got {self.prompt_lookup!r}")
         if self.prompt_lookup and not self.checks_drafts:
-            raise ValueError("prompt_lookup drafts are checked against greedy choices: it needs temperature 0 and "
-                             "no repetition, presence or frequency penalty")
+            raise ValueError("prompt_lookup drafts are checked against greedy choices: it needs temperature 0, "
+                             "no repetition, presence or frequency penalty and no logit_bias")
 
     @property
     def greedy(self) -> bool:
@@ -124,8 +138,8 @@ class SamplingParams:
 
     @property
     def checks_drafts(self) -> bool:
-        """Whether rows with these parameters can be in a drafting run: greedy, no penalty."""
-        return self.greedy and not self.penalised
+        """Whether rows with these parameters can be in a drafting run: greedy, no penalty, no logit bias."""
+        return self.greedy and not self.penalised and not self.logit_bias
 
 
 def check_top_logprobs(logprobs: bool, top_logprobs: int, vocab: int) -> None:
@@ -486,8 +500,11 @@ class Run:
             raise RuntimeError("this run has finished: start a new one")
         check_top_logprobs(logprobs, top_logprobs, self._vocab or self.engine.model.args.vocab_size)
         if self.lookup and not params.checks_drafts:
-            raise ValueError("a drafting run (prompt_lookup) takes only greedy rows without a repetition penalty")
+            raise ValueError("a drafting run (prompt_lookup) takes only greedy rows without a penalty or logit bias")
         prompts = self.engine.check_prompts(prompts)
+        vocab = self._vocab or self.engine.model.args.vocab_size
+        if params.logit_bias and params.logit_bias[-1][0] >= vocab:
+            raise ValueError(f"logit_bias: token id {params.logit_bias[-1][0]} is not in [0, {vocab})")
         rows = list(range(self._rows, self._rows + len(prompts)))
         self._rows += len(prompts)
         window = self.engine.model.max_seq_len
@@ -610,8 +627,9 @@ class Run:
 
     def _row_args(self, rows: list[int]) -> tuple[torch.Tensor, ...]:
         """Per-row repetition / presence / frequency penalties [n, 1], greedy mask [n], temperature / top-k / top-p
-        [n] of `rows`, on the device (greedy rows get a valid placeholder: their tokens come from argmax); () when
-        every row is greedy without a penalty (nothing to copy to the device)."""
+        [n], logit biases [n, V] (None without any) of `rows`, on the device (greedy rows get a valid placeholder:
+        their tokens come from argmax); () when every row is greedy without a penalty or bias (nothing to copy to
+        the device)."""
         dev, vocab = self.engine.model.device, self.engine.model.args.vocab_size
         ps = [self._params[r] for r in rows]
         if all(p.checks_drafts for p in ps):
@@ -622,7 +640,18 @@ class Run:
                 torch.tensor([p.greedy for p in ps], dtype=torch.bool, device=dev),
                 torch.tensor([1.0 if p.greedy else p.temperature for p in ps], dtype=torch.float32, device=dev),
                 torch.tensor([min(p.top_k, vocab) for p in ps], dtype=torch.int32, device=dev),
-                torch.tensor([p.top_p for p in ps], dtype=torch.float32, device=dev))
+                torch.tensor([p.top_p for p in ps], dtype=torch.float32, device=dev),
+                self._biases(ps))
+
+    def _biases(self, ps: list[SamplingParams]) -> torch.Tensor | None:
+        """Logit biases [n, V] of rows with parameters ps, on the device; None when no row has any."""
+        if not any(p.logit_bias for p in ps):
+            return None
+        rows = [j for j, p in enumerate(ps) for _ in p.logit_bias]
+        ids, values = zip(*(pair for p in ps for pair in p.logit_bias))
+        bias = torch.zeros(len(ps), self.engine.model.args.vocab_size, dtype=torch.float32)
+        bias[rows, list(ids)] = torch.tensor(values)
+        return bias.to(self.engine.model.device)
 
     def _uniforms(self, rows: list[int]) -> torch.Tensor:
         """One uniform number per row, each seeded row's from its own generator (so a seeded call draws
@@ -643,7 +672,7 @@ class Run:
     def _choose(self, logits: torch.Tensor, seen: torch.Tensor | None, rows: list[int],
                 args: tuple[torch.Tensor, ...] | None) -> tuple[torch.Tensor, ...]:
         """Next ids [n] from logits [n, V] of `rows` (args: their _row_args; None in a drafting run, where every row
-        is greedy without a penalty), and when a row asks for log-probabilities, per row on the host: (the id's
+        is greedy without a penalty or bias), and when a row asks for log-probabilities, per row on the host: (the id's
         log-probability under the raw logits, the row's top_logprobs alternatives or None); else None."""
         raw = logits
         ps = [self._params[r] for r in rows]
@@ -656,12 +685,14 @@ class Run:
             if any(p.presence_penalty or p.frequency_penalty for p in ps):  # OpenAI's, on generated tokens
                 generated = (seen & (_IN_PROMPT - 1)).float()
                 logits = logits - generated * frequency - (generated > 0).float() * presence
+        if args and args[7] is not None:  # OpenAI's logit_bias
+            logits = logits + args[7]
         if self._vocab is not None:
             logits = logits[:, :self._vocab].contiguous()
         if all(p.greedy for p in ps):
             tok = ops.argmax(logits)
         else:
-            greedy, temperature, top_k, top_p = args[3:]
+            greedy, temperature, top_k, top_p = args[3:7]
             tok = ops.sample(logits, temperature, top_k, top_p, self._uniforms(rows))
             if any(p.greedy for p in ps):
                 tok = torch.where(greedy, ops.argmax(logits), tok)

@@ -10,16 +10,17 @@ threading HTTP server, one thread per connection; concurrent requests decode in 
 
 Completions: with "suffix", or a prompt holding <FILL_ME>, the text is infilled and the choice's text is the middle;
 otherwise the prompt is continued. Defaults are OpenAI's (temperature 1, top_p 1, completions max_tokens 16; chat
-runs to EOS or the end of the window); "presence_penalty" and "frequency_penalty" are OpenAI's. Extensions: "top_k", "repetition_penalty", "prompt_lookup" (as in
-SamplingParams). "n" choices of a prompt are n rows of the batch (the prompt prefilled once, its keys and values
-copied): with a seed each draws its own numbers (reproducibly), greedy ones are equal; choice i * n + j is prompt i's
-j-th. "logprobs" (completions: 0-5 alternatives, plus the sampled token as OpenAI's; chat: true, with
-"top_logprobs" 0-20) gives each token of the text its log-probability under the raw logits; a token that is part of
-a multi-byte character is written "bytes:\\xNN", and completions' text_offset counts characters of the choice's text;
-streamed, each token comes in a chunk of its own once where its text starts is final. What OpenAI has and this
-server does not (best_of other than 1, echo, logit_bias, token-id prompts) is a 400 error, not silently ignored;
-unknown fields are ignored, as clients send extras such as "user". Streams are server-sent events ("data:
-{chunk}", then "data: [DONE]"); a client that goes away ends its rows.
+runs to EOS or the end of the window); "presence_penalty", "frequency_penalty" and "logit_bias" are OpenAI's.
+Extensions: "top_k", "repetition_penalty", "prompt_lookup" (as in SamplingParams). "n" choices of a prompt are n
+rows of the batch (the prompt prefilled once, its keys and values copied): with a seed each draws its own numbers
+(reproducibly), greedy ones are equal; choice i * n + j is prompt i's j-th. "logprobs" (completions: 0-5
+alternatives, plus the sampled token as OpenAI's; chat: true, with "top_logprobs" 0-20) gives each token of the text
+its log-probability under the raw logits; a token that is part of a multi-byte character is written "bytes:\\xNN",
+and completions' text_offset counts characters of the choice's text; streamed, each token comes in a chunk of its
+own once where its text starts is final. What OpenAI has and this server does not (best_of other than 1, echo,
+token-id prompts) is a 400 error, not silently ignored; unknown fields are ignored, as clients send extras such as
+"user". Streams are server-sent events ("data: {chunk}", then "data: [DONE]"); a client that goes away ends its
+rows.
 Errors have OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
 """
 
@@ -40,7 +41,7 @@ from .tokenizer import CodeLlamaTokenizer
 __all__ = ["make_server"]
 
 # OpenAI's fields this server does not implement -> the values that ask for nothing beyond what it does
-_UNSUPPORTED = {"best_of": (1,), "echo": (False,), "logit_bias": ({},)}
+_UNSUPPORTED = {"best_of": (1,), "echo": (False,)}
 _MAX_BODY = 16 << 20
 _MAX_N = 128  # OpenAI's limit on choices per prompt
 _MAX_TOP = {"completions": 5, "chat": 20}  # OpenAI's limits on logprobs alternatives
@@ -68,6 +69,8 @@ def _sampling(body: dict, max_tokens: int) -> SamplingParams:
     limit = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     stop = _field(body, "stop", (str, list), (), lambda v: isinstance(v, str) or all(isinstance(s, str) for s in v),
                   "a string or a list of strings")
+    bias = _field(body, "logit_bias", (dict,), {}, lambda v: all(k.isdigit() for k in v),
+                  "an object mapping token ids (as strings) to numbers in [-100, 100]")
     sp = dict(max_new_tokens=_field(body, limit, (int,), max_tokens, lambda v: v >= 1, "an integer >= 1"),
               temperature=_field(body, "temperature", (int, float), 1.0, lambda v: 0 <= v < float("inf"),
                                  "a number >= 0"),
@@ -79,6 +82,7 @@ def _sampling(body: dict, max_tokens: int) -> SamplingParams:
                  for name in ("presence_penalty", "frequency_penalty")},
               seed=_field(body, "seed", (int,), None, rule="an integer"),
               prompt_lookup=_field(body, "prompt_lookup", (int,), 0, lambda v: v >= 0, "an integer >= 0"),
+              logit_bias={int(k): v for k, v in bias.items()},
               stop=[s for s in ([stop] if isinstance(stop, str) else stop) if s])  # OpenAI ignores empty stops
     try:
         return SamplingParams(**sp)
@@ -195,6 +199,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         """top_logprobs: None, no logprobs; else each choice's tokens with their log-probabilities and that many
         alternatives."""
         self.llm.engine.check_prompts(prompts)  # a prompt too long for the window: 400 before the stream starts
+        if sp.logit_bias and sp.logit_bias[-1][0] >= self.llm.tokenizer.n_words:
+            raise _BadRequest(f"logit_bias: token id {sp.logit_bias[-1][0]} is not in the vocabulary "
+                              f"[0, {self.llm.tokenizer.n_words})", "logit_bias")
         n = _field(body, "n", (int,), 1, lambda v: 1 <= v <= _MAX_N, f"an integer in [1, {_MAX_N}]")
         ids = [p for p in prompts for _ in range(n)]
         self._streaming = _field(body, "stream", (bool,), False, rule="a boolean")

@@ -208,6 +208,25 @@ def test_presence_and_frequency_penalties_match_transformers(engine, hf, expecte
     assert changed  # the penalties change outputs, or this test would prove nothing
 
 
+def test_logit_bias_matches_transformers(engine, hf, expected):
+    """OpenAI's logit_bias against transformers' sequence_bias (one-token sequences), greedy alone and in a batch
+    beside an unbiased row; banning each greedy first token changes the output; an id past the vocabulary is
+    refused when the call starts."""
+    prompts = random_prompts(2)
+    bias = {expected[0][0][0]: -100.0, expected[1][0][0]: -100.0, 7: 4.0, 300: 2.5}
+    sp = SamplingParams(max_new_tokens=N_NEW, logit_bias=bias)
+    refs = [hf_greedy(hf, p, N_NEW, sequence_bias={(i,): b for i, b in bias.items()})[0] for p in prompts]
+    assert [r.tokens for r in engine.generate(prompts, sp, [EOS])] == refs
+    assert all(ref[0] != greedy[0] for ref, (greedy, _) in zip(refs, expected))
+    run = engine.run(prompts[:1], SamplingParams(max_new_tokens=N_NEW), [EOS])
+    for i, _ in enumerate(run):
+        if i == 1:
+            biased = run.add(prompts[1:], sp, [EOS])
+    assert run.results[0].tokens == expected[0][0] and run.results[biased[0]].tokens == refs[1]
+    with pytest.raises(ValueError, match=r"logit_bias: token id 5000 is not in \[0, 1216\)"):
+        engine.generate(prompts, SamplingParams(logit_bias={5000: 1}), [EOS])
+
+
 def test_top_k_1_equals_greedy_and_seeded_sampling_reproduces(engine, expected):
     prompts = random_prompts(4)
     greedy = engine.generate(prompts, SamplingParams(max_new_tokens=N_NEW), [EOS])
@@ -266,6 +285,10 @@ def test_bad_prompt_ids(engine, prompts, match):
     (dict(presence_penalty=2.5), r"presence_penalty must be a number in \[-2, 2\]"),
     (dict(frequency_penalty=float("nan")), "frequency_penalty must be a number in"),
     (dict(frequency_penalty="1"), "frequency_penalty must be a number in"),
+    (dict(logit_bias={5: 101}), r"logit_bias must map token ids \(integers >= 0\) to numbers in \[-100, 100\]"),
+    (dict(logit_bias={"5": 1}), "logit_bias must map token ids"),
+    (dict(logit_bias=[5]), r"logit_bias must map token ids to biases \(a dict\)"),
+    (dict(logit_bias=((5, 1), (5, 2))), "logit_bias names a token id twice"),
     (dict(stop=["ok", ""]), "stop must be a non-empty string"),
     (dict(stop=5), "stop must be a non-empty string or a list of them, got 5"),  # was: TypeError, not iterable
     (dict(stop=b"ab"), r"got b'ab'"),  # was: accepted as the ints (97, 98), then refused naming them
@@ -303,7 +326,7 @@ def test_rows_added_between_steps_equal_their_own_runs(folder):
     assert run.finished
     with pytest.raises(RuntimeError, match="this run has finished"):
         run.add([p[0]], SamplingParams(), [EOS])
-    with pytest.raises(ValueError, match="a drafting run .* takes only greedy rows without a repetition penalty"):
+    with pytest.raises(ValueError, match="a drafting run .* takes only greedy rows without a penalty or logit bias"):
         engine.run([p[0]], SamplingParams(prompt_lookup=3), [EOS]).add([p[1]], SamplingParams(temperature=0.5), [EOS])
     # a plain run decodes a prompt_lookup row plainly; a drafting run takes a greedy row that does not draft
     greedy = [r.tokens for r in engine.generate([p[0], p[3]], SamplingParams(max_new_tokens=N_NEW), [EOS])]
@@ -553,12 +576,13 @@ def history_prompts(rng: random.Random, history: list[list[int]], longest: int, 
 
 
 def random_params(rng: random.Random, drafting: bool = True) -> SamplingParams:
-    """Greedy, penalised (HF's repetition penalty; OpenAI's presence and frequency), seeded-sampling or (drafting)
-    prompt-lookup parameters."""
+    """Greedy, penalised (HF's repetition penalty; OpenAI's presence and frequency, with a logit bias),
+    seeded-sampling or (drafting) prompt-lookup parameters."""
     kind = rng.random()
     return (SamplingParams(max_new_tokens=rng.randrange(2, 12)) if kind < 0.3 else
             SamplingParams(max_new_tokens=8, repetition_penalty=1.3) if kind < 0.42 else
-            SamplingParams(max_new_tokens=8, presence_penalty=0.8, frequency_penalty=0.5) if kind < 0.5 else
+            SamplingParams(max_new_tokens=8, presence_penalty=0.8, frequency_penalty=0.5,
+                           logit_bias={110: 2.0, 893: -3.0}) if kind < 0.5 else
             SamplingParams(max_new_tokens=8, temperature=0.9, seed=rng.randrange(99)) if kind < 0.8 or not drafting
             else SamplingParams(max_new_tokens=10, prompt_lookup=3))
 
@@ -716,8 +740,8 @@ def test_prompt_lookup_refused_with_sampling():
     with pytest.raises(ValueError, match="prompt_lookup must be an integer >= 0"):
         SamplingParams(prompt_lookup=-1)
     for kw in (dict(temperature=0.7), dict(repetition_penalty=1.2), dict(presence_penalty=0.1),
-               dict(frequency_penalty=-0.1)):
-        with pytest.raises(ValueError, match="needs temperature 0 and no repetition, presence or frequency"):
+               dict(frequency_penalty=-0.1), dict(logit_bias={3: 1})):
+        with pytest.raises(ValueError, match="needs temperature 0, no repetition, presence or frequency penalty and"):
             SamplingParams(prompt_lookup=4, **kw)
 
 

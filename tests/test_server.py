@@ -101,6 +101,10 @@ def test_chat_and_sampling_fields(llm, url):
     assert json.loads(text)["choices"][0]["text"] == llm.complete(
         COMPLETE[0], max_new_tokens=N, temperature=1.0, top_p=1.0, top_k=40, repetition_penalty=1.2,
         presence_penalty=0.5, frequency_penalty=1.0, seed=5)
+    # logit_bias: JSON keys are strings; +100 makes a token every choice
+    x = llm.tokenizer.encode_infilling("x")[0]
+    status, text = post(url, "/v1/completions", {"prompt": COMPLETE[0], "max_tokens": 3, "logit_bias": {str(x): 100}})
+    assert json.loads(text)["choices"][0]["text"] == "xxx"
     status, text = post(url, "/v1/completions", {"prompt": COMPLETE[0], "max_completion_tokens": 3,
                                                  "temperature": 0, "prompt_lookup": 2})
     assert json.loads(text)["choices"][0]["text"] == llm.complete(COMPLETE[0], max_new_tokens=3)
@@ -224,6 +228,10 @@ def test_token_text_writes_partial_characters_as_bytes():
     ("/v1/completions", {"prompt": "x", "logprobs": 6}, 400, r"logprobs must be an integer in \[0, 5\] or null"),
     ("/v1/completions", {"prompt": "x", "echo": True}, 400, "echo=True is not supported"),
     ("/v1/completions", {"prompt": "x", "frequency_penalty": -3}, 400, r"frequency_penalty must be a number in \[-2"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"a": 1}}, 400, "logit_bias must be an object mapping token ids"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 200}}, 400, r"numbers in \[-100, 100\], got 5: 200"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"99999": 1}, "stream": True}, 400,
+     r"logit_bias: token id 99999 is not in the vocabulary"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400,
      "top_logprobs needs logprobs: true"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": 1}, 400,
