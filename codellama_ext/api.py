@@ -296,6 +296,7 @@ class CodeLlama:
                     row, res = rows[r], results[r]
                     counted = row.tokens
                     if top_logprobs is not None:
+                        _unbreak(pending[r], row.detok.breaks(t))
                         offset = len(row.text) + row.detok.lead_in(t)
                     if row.add(t):
                         call.finish(r)
@@ -304,6 +305,8 @@ class CodeLlama:
                                                  res.top_logprobs[counted] if top_logprobs else [], offset))
                     yield from _released(r, row, row.delta(final=False), pending[r])
             for r, row in enumerate(rows):
+                if top_logprobs is not None and not row.stopped:
+                    _unbreak(pending[r], row.detok.breaks(None))
                 row.close()
                 yield from _released(r, row, row.delta(final=True), pending[r])
             if outcomes is not None:
@@ -311,6 +314,15 @@ class CodeLlama:
                              for row, res in zip(rows, call.results)]
         finally:
             call.close()
+
+
+def _unbreak(pending: list[Scored], n: int) -> None:
+    """The last n scored tokens are the bytes of a character left incomplete: each is its own U+FFFD, one after
+    another from where the character would have started."""
+    n = min(n, len(pending))
+    for i in range(n):
+        j = len(pending) - n + i
+        pending[j] = pending[j]._replace(text_offset=pending[len(pending) - n].text_offset + i)
 
 
 def _released(r: int, row: _TextRow, delta: str, pending: list[Scored]) -> Iterator[tuple[int, str, Scored | None]]:

@@ -56,14 +56,13 @@ class SamplingParams:
     drop the tokens whose probability mass before them exceeds top_p); repetition_penalty as HF's (logits of every
     token already in the prompt or output divided by it when positive, multiplied when negative); presence_penalty
     and frequency_penalty as OpenAI's, in [-2, 2] (each logit less frequency_penalty times the number of times its
-    token was generated so far, and less presence_penalty if it was at all; generated tokens only, as vLLM's;
-    after the repetition penalty); logit_bias: OpenAI's, {token id: bias in [-100, 100]} added to those logits
-    after the penalties (kept as sorted (id, bias) pairs); stop: strings that end the text (the text before the first
-    one is returned);
-    seed: reproducible sampling on one device and dtype. prompt_lookup: greedy without penalties; per row, draft up to this many tokens by copying what followed
-    the latest earlier occurrence of the text's last 1-3 tokens (in the prompt or output; code repeats itself) and
-    check them all in one forward: the same tokens as plain greedy decoding, several per step when the draft is
-    right (0 = off)."""
+    token was generated so far, and less presence_penalty if it was at all; generated tokens only, as vLLM's; after
+    the repetition penalty); logit_bias: OpenAI's, {token id: bias in [-100, 100]} added to those logits after the
+    penalties (kept as sorted (id, bias) pairs); stop: strings that end the text (the text before the first one is
+    returned); seed: reproducible sampling on one device and dtype. prompt_lookup: greedy without penalties or
+    logit_bias; per row, draft up to this many tokens by copying what followed the latest earlier occurrence of the
+    text's last 1-3 tokens (in the prompt or output; code repeats itself) and check them all in one forward: the
+    same tokens as plain greedy decoding, several per step when the draft is right (0 = off)."""
 
     max_new_tokens: int = 256
     temperature: float = 0.0

@@ -738,6 +738,23 @@ class IncrementalDetokenizer:
                 break
         return len(self.held)
 
+    def breaks(self, token_id: int | None) -> int:
+        """How many of the last ids are the bytes of a character that token_id, fed next (None: the end), leaves
+        incomplete (0 when none). SentencePiece then writes each of them as its own U+FFFD, where lead_in placed
+        them all at the character's start."""
+        sp = self.tok._sp
+        extends = token_id is not None and sp.is_byte(token_id) and 0x80 <= self.tok.piece_bytes(token_id)[0] < 0xC0
+        for k in range(1, min(3, len(self.ids)) + 1):
+            i = self.ids[-k]
+            if not sp.is_byte(i):
+                return 0
+            b = self.tok.piece_bytes(i)[0]
+            if b >= 0xC0:  # the lead byte: a character of 2, 3 or 4 bytes, k of them fed
+                return 0 if extends or k >= 2 + (b >= 0xE0) + (b >= 0xF0) else k
+            if b < 0x80:
+                return 0
+        return 0
+
     def flush(self) -> str:
         """Returns any held-back text (call once generation ends)."""
         prefix_text = self._decode_window(self._prefix_offset, self._read_offset)

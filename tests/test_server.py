@@ -180,14 +180,16 @@ def test_logprobs_equal_the_python_api(llm, url):
 
 
 def test_text_offsets_of_multi_byte_characters_and_stop_strings(llm, url, monkeypatch):
-    """The model's tokens are set here (a stand-in for the batcher's call): the bytes of a character all start
-    where it does (were: each counted as a U+FFFD, 0 1 2 3 2 for x + the 3 bytes of \u65e5 + x), and the token that
-    completes a stop string starts at most at the text's end (was: after it), and so do the tokens before it that
-    the stop string cut (were: where their text stood before the cut, streamed or not)."""
+    """The model's tokens are set here (a stand-in for the batcher's call): the bytes of a character all start where it
+    does (were: each counted as a U+FFFD, 0 1 2 3 2 for x + the 3 bytes of \u65e5 + x), the bytes of a character
+    left incomplete each start at their own U+FFFD, and the token that completes a stop string starts at most at
+    the text's end (was: after it), and so do the tokens before it that the stop string cut (were: where their
+    text stood before the cut, streamed or not)."""
     from codellama_ext.generation import GenerationResult
     tok = llm.tokenizer
     x, ret, value = tok.encode_infilling("x") + tok.encode_infilling("return value")
     hi = [tok._sp.piece_to_id(f"<0x{b:02X}>") for b in "\u65e5".encode()]
+    broken = hi[:2]  # two of its three bytes: each becomes a U+FFFD of its own
 
     class Tokens:  # the call: one row, one token a step
         def __init__(self, ids):
@@ -204,6 +206,9 @@ def test_text_offsets_of_multi_byte_characters_and_stop_strings(llm, url, monkey
             pass
     for ids, stop, text, offsets in (([x, *hi, x], [], "x\u65e5x", [0, 1, 1, 1, 2]),
                                      ([*hi, *hi], [], "\u65e5\u65e5", [0, 0, 0, 1, 1, 1]),
+                                     ([*broken, x], [], "\ufffd\ufffdx", [0, 1, 2]),  # were 0 0 2
+                                     ([x, *broken], [], "x\ufffd\ufffd", [0, 1, 2]),
+                                     ([*broken, *hi], [], "\ufffd\ufffd\u65e5", [0, 1, 2, 2, 2]),
                                      ([x, ret, value, x], ["n v"], "xretur", [0, 1, 6]),
                                      ([x, ret, value, x], ["rn valuex"], "xretu", [0, 1, 5, 5]),
                                      ([x, ret, value], ["rn valuex"], "xreturn value", [0, 1, 7])):

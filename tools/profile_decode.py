@@ -89,7 +89,8 @@ def main() -> None:
     nbytes, bw = weight_bytes(model), read_bandwidth(str(dev))
     print(f"# {ns.shape} {ns.dtype} quantize={ns.quantize} batch={B} pos={ns.pos} on {dev}: "
           f"{'graphed' if cuda else 'eager'} step {ms:.3f} ms, weights {nbytes / 1e9:.2f} GB -> "
-          f"{100 * nbytes / (ms * 1e-3) / bw:.0f}% of {bw / 1e9:.0f} GB/s; at full bandwidth {nbytes / bw * 1e3:.3f} ms")
+          f"{100 * nbytes / (ms * 1e-3) / bw:.0f}% of {bw / 1e9:.0f} GB/s; "
+          f"at full bandwidth {nbytes / bw * 1e3:.3f} ms")
     kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
     with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
         for _ in range(ns.steps):
