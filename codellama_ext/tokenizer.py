@@ -724,33 +724,28 @@ class IncrementalDetokenizer:
         """How much of `held` comes before the text of token_id, fed next: all of it, but for a byte that continues
         an incomplete character, which starts where that character does (SentencePiece writes each of its bytes
         as a U+FFFD until it is whole, then the whole character as one)."""
-        sp = self.tok._sp
-        if not (sp.is_byte(token_id) and 0x80 <= self.tok.piece_bytes(token_id)[0] < 0xC0):
-            return len(self.held)
-        for k in range(1, min(3, len(self.ids)) + 1):
-            i = self.ids[-k]
-            if not sp.is_byte(i):
-                break
-            b = self.tok.piece_bytes(i)[0]
-            if 0xC0 <= b:  # the lead byte: a character of 2, 3 or 4 bytes, k of them fed
-                return len(self.held) - k if k < 2 + (b >= 0xE0) + (b >= 0xF0) else len(self.held)
-            if b < 0x80:
-                break
-        return len(self.held)
+        return len(self.held) - (self._open_char() if self._continues(token_id) else 0)
 
     def breaks(self, token_id: int | None) -> int:
         """How many of the last ids are the bytes of a character that token_id, fed next (None: the end), leaves
         incomplete (0 when none). SentencePiece then writes each of them as its own U+FFFD, where lead_in placed
         them all at the character's start."""
-        sp = self.tok._sp
-        extends = token_id is not None and sp.is_byte(token_id) and 0x80 <= self.tok.piece_bytes(token_id)[0] < 0xC0
+        return 0 if self._continues(token_id) else self._open_char()
+
+    def _continues(self, token_id: int | None) -> bool:
+        """Whether token_id is a UTF-8 continuation byte (10xxxxxx)."""
+        return token_id is not None and self.tok._sp.is_byte(token_id) and \
+            0x80 <= self.tok.piece_bytes(token_id)[0] < 0xC0
+
+    def _open_char(self) -> int:
+        """How many bytes of a character not yet whole end the ids fed (0 when none)."""
         for k in range(1, min(3, len(self.ids)) + 1):
             i = self.ids[-k]
-            if not sp.is_byte(i):
+            if not self.tok._sp.is_byte(i):
                 return 0
             b = self.tok.piece_bytes(i)[0]
             if b >= 0xC0:  # the lead byte: a character of 2, 3 or 4 bytes, k of them fed
-                return 0 if extends or k >= 2 + (b >= 0xE0) + (b >= 0xF0) else k
+                return k if k < 2 + (b >= 0xE0) + (b >= 0xF0) else 0
             if b < 0x80:
                 return 0
         return 0
