@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
 
@@ -149,6 +149,24 @@ def check_top_logprobs(logprobs: bool, top_logprobs: int, vocab: int) -> None:
         raise ValueError(f"top_logprobs must be an integer in [0, {vocab}], got {top_logprobs!r}")
     if top_logprobs and not logprobs:
         raise ValueError("top_logprobs needs logprobs=True")
+
+
+def check_logit_bias(params: SamplingParams, vocab: int) -> None:
+    """ValueError unless every token id params.logit_bias names is in the vocabulary [0, vocab)."""
+    if params.logit_bias and params.logit_bias[-1][0] >= vocab:  # sorted: the last id is the largest
+        raise ValueError(f"logit_bias: token id {params.logit_bias[-1][0]} is not in the vocabulary [0, {vocab})")
+
+
+class _RowArgs(NamedTuple):
+    """Run._row_args: the live rows' sampling parameters on the device."""
+    repetition: torch.Tensor  # [n, 1]
+    presence: torch.Tensor  # [n, 1]
+    frequency: torch.Tensor  # [n, 1]
+    greedy: torch.Tensor  # [n] bool
+    temperature: torch.Tensor  # [n]
+    top_k: torch.Tensor  # [n] int32
+    top_p: torch.Tensor  # [n]
+    bias: torch.Tensor | None  # [n, V], None without any logit_bias
 
 
 def _to_host(t: torch.Tensor):
@@ -501,9 +519,7 @@ class Run:
         if self.lookup and not params.checks_drafts:
             raise ValueError("a drafting run (prompt_lookup) takes only greedy rows without a penalty or logit bias")
         prompts = self.engine.check_prompts(prompts)
-        vocab = self._vocab or self.engine.model.args.vocab_size
-        if params.logit_bias and params.logit_bias[-1][0] >= vocab:
-            raise ValueError(f"logit_bias: token id {params.logit_bias[-1][0]} is not in [0, {vocab})")
+        check_logit_bias(params, self._vocab or self.engine.model.args.vocab_size)
         rows = list(range(self._rows, self._rows + len(prompts)))
         self._rows += len(prompts)
         window = self.engine.model.max_seq_len
@@ -624,23 +640,22 @@ class Run:
         return decoded, rows, (logits, torch.tensor(lens, dtype=torch.int32, device=dev),
                                torch.tensor(slots, dtype=torch.int32, device=dev), seen)
 
-    def _row_args(self, rows: list[int]) -> tuple[torch.Tensor, ...]:
-        """Per-row repetition / presence / frequency penalties [n, 1], greedy mask [n], temperature / top-k / top-p
-        [n], logit biases [n, V] (None without any) of `rows`, on the device (greedy rows get a valid placeholder:
-        their tokens come from argmax); () when every row is greedy without a penalty or bias (nothing to copy to
-        the device)."""
+    def _row_args(self, rows: list[int]) -> _RowArgs | tuple[()]:
+        """The sampling parameters of `rows` on the device (greedy rows get a valid placeholder: their tokens come
+        from argmax); () when every row is greedy without a penalty or bias (nothing to copy to the device)."""
         dev, vocab = self.engine.model.device, self.engine.model.args.vocab_size
         ps = [self._params[r] for r in rows]
         if all(p.checks_drafts for p in ps):
             return ()
         penalties = torch.tensor([[p.repetition_penalty, p.presence_penalty, p.frequency_penalty] for p in ps],
                                  dtype=torch.float32, device=dev)
-        return (*penalties.split(1, dim=1),
-                torch.tensor([p.greedy for p in ps], dtype=torch.bool, device=dev),
-                torch.tensor([1.0 if p.greedy else p.temperature for p in ps], dtype=torch.float32, device=dev),
-                torch.tensor([min(p.top_k, vocab) for p in ps], dtype=torch.int32, device=dev),
-                torch.tensor([p.top_p for p in ps], dtype=torch.float32, device=dev),
-                self._biases(ps))
+        return _RowArgs(*penalties.split(1, dim=1),
+                        torch.tensor([p.greedy for p in ps], dtype=torch.bool, device=dev),
+                        torch.tensor([1.0 if p.greedy else p.temperature for p in ps], dtype=torch.float32,
+                                     device=dev),
+                        torch.tensor([min(p.top_k, vocab) for p in ps], dtype=torch.int32, device=dev),
+                        torch.tensor([p.top_p for p in ps], dtype=torch.float32, device=dev),
+                        self._biases(ps))
 
     def _biases(self, ps: list[SamplingParams]) -> torch.Tensor | None:
         """Logit biases [n, V] of rows with parameters ps, on the device; None when no row has any."""
@@ -669,7 +684,7 @@ class Run:
 
     @torch.inference_mode()
     def _choose(self, logits: torch.Tensor, seen: torch.Tensor | None, rows: list[int],
-                args: tuple[torch.Tensor, ...] | None) -> tuple[torch.Tensor, ...]:
+                args: _RowArgs | tuple[()] | None) -> tuple[torch.Tensor, ...]:
         """Next ids [n] from logits [n, V] of `rows` (args: their _row_args; None in a drafting run, where every row
         is greedy without a penalty or bias), and when a row asks for log-probabilities, per row on the host: (the id's
         log-probability under the raw logits, the row's top_logprobs alternatives or None); else None."""
@@ -678,23 +693,22 @@ class Run:
         # Only rows with a penalty read their seen counts: without one in the batch, none is kept up to date.
         penalised = seen is not None and any(p.penalised for p in ps)
         if penalised:
-            rp, presence, frequency = args[:3]
             if any(p.repetition_penalty != 1 for p in ps):  # HF RepetitionPenaltyLogitsProcessor
+                rp = args.repetition
                 logits = torch.where(seen != 0, torch.where(logits < 0, logits * rp, logits / rp), logits)
             if any(p.presence_penalty or p.frequency_penalty for p in ps):  # OpenAI's, on generated tokens
                 generated = (seen & (_IN_PROMPT - 1)).float()
-                logits = logits - generated * frequency - (generated > 0).float() * presence
-        if args and args[7] is not None:  # OpenAI's logit_bias
-            logits = logits + args[7]
+                logits = logits - generated * args.frequency - (generated > 0).float() * args.presence
+        if args and args.bias is not None:  # OpenAI's logit_bias
+            logits = logits + args.bias
         if self._vocab is not None:
             logits = logits[:, :self._vocab].contiguous()
         if all(p.greedy for p in ps):
             tok = ops.argmax(logits)
         else:
-            greedy, temperature, top_k, top_p = args[3:7]
-            tok = ops.sample(logits, temperature, top_k, top_p, self._uniforms(rows))
+            tok = ops.sample(logits, args.temperature, args.top_k, args.top_p, self._uniforms(rows))
             if any(p.greedy for p in ps):
-                tok = torch.where(greedy, ops.argmax(logits), tok)
+                tok = torch.where(args.greedy, ops.argmax(logits), tok)
         if penalised:
             seen[torch.arange(len(rows), device=seen.device), tok] += 1
         want = [self._top[r] for r in rows if self._results[r].logprobs is not None]
@@ -909,9 +923,11 @@ class Run:
                     pad_slots = args = None
                     if not self.lookup:
                         idx = torch.tensor(keep, dtype=torch.int64, device=dev)
-                        tok, pos, slot, seen = tok[idx], pos[idx], slot[idx], seen[idx]
-                        if ahead:
+                        pos, slot, seen = pos[idx], slot[idx], seen[idx]
+                        if ahead:  # the launched step's logits; else the ids its step will feed
                             logits = logits[idx]
+                        else:
+                            tok = tok[idx]
                     live = [live[j] for j in keep]
                 if self.lookup:
                     starved = [r for r in live if not pending[r]]

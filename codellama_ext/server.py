@@ -35,7 +35,7 @@ import uuid
 from typing import Callable, Iterator
 
 from .api import CodeLlama, Scored
-from .generation import SamplingParams
+from .generation import SamplingParams, check_logit_bias
 from .tokenizer import CodeLlamaTokenizer
 
 __all__ = ["make_server"]
@@ -199,9 +199,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         """top_logprobs: None, no logprobs; else each choice's tokens with their log-probabilities and that many
         alternatives."""
         self.llm.engine.check_prompts(prompts)  # a prompt too long for the window: 400 before the stream starts
-        if sp.logit_bias and sp.logit_bias[-1][0] >= self.llm.tokenizer.n_words:
-            raise _BadRequest(f"logit_bias: token id {sp.logit_bias[-1][0]} is not in the vocabulary "
-                              f"[0, {self.llm.tokenizer.n_words})", "logit_bias")
+        try:  # likewise
+            check_logit_bias(sp, self.llm.tokenizer.n_words)
+        except ValueError as e:
+            raise _BadRequest(str(e), "logit_bias") from None
         n = _field(body, "n", (int,), 1, lambda v: 1 <= v <= _MAX_N, f"an integer in [1, {_MAX_N}]")
         ids = [p for p in prompts for _ in range(n)]
         self._streaming = _field(body, "stream", (bool,), False, rule="a boolean")

@@ -223,7 +223,7 @@ def test_logit_bias_matches_transformers(engine, hf, expected):
         if i == 1:
             biased = run.add(prompts[1:], sp, [EOS])
     assert run.results[0].tokens == expected[0][0] and run.results[biased[0]].tokens == refs[1]
-    with pytest.raises(ValueError, match=r"logit_bias: token id 5000 is not in \[0, 1216\)"):
+    with pytest.raises(ValueError, match=r"logit_bias: token id 5000 is not in the vocabulary \[0, 1216\)"):
         engine.generate(prompts, SamplingParams(logit_bias={5000: 1}), [EOS])
 
 
