@@ -5,7 +5,7 @@
 # workers so a crash fails one test, not the run. Logs land in $OUT (the device tool's folder) or build/gpu-check.
 #   bash tools/gpu_check.sh                          # every stage (the env is always printed)
 #   STAGES="build tests gen bench profile" bash tools/gpu_check.sh; STAGES=serve bash tools/gpu_check.sh
-# On an H200 (session 12) build took 43-49 s, tests 34-40 s, gen 55-59 s, bench 8-10 s, profile ~40 s, serve 118 s
+# On an H200 (session 12) build took 43-49 s, tests 34-40 s, gen 55-59 s, bench 8-10 s, profile 28 s, serve 118 s
 # (with the concurrency bench cut at 70 s, before its 8-client row: it now gets 150 s): two calls fit one device
 # budget; the in-place build stays between calls on the same warm machine.
 # gen writes a random 7B-shaped checkpoint (13.5 GB fp16) into $GEN_WORKDIR (/tmp/bg) and times ours against
