@@ -11,9 +11,11 @@ import shutil
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from codellama_ext import SamplingParams
-from codellama_ext.generation import Engine
+from codellama_ext.generation import Engine, _shared_prefix
 from codellama_ext.model import load_model
 
 import tokenizer_fixtures
@@ -798,3 +800,13 @@ def test_cuda_prompts_joining_in_parts_equal_whole(folder_d64):
         for a, b in zip(*results):
             assert (a.tokens, a.finish_reason) == (b.tokens, b.finish_reason)
             assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+
+
+@settings(max_examples=300, deadline=None)
+@given(head=st.lists(st.integers(0, 3), max_size=40), a=st.lists(st.integers(0, 3), max_size=20),
+       b=st.lists(st.integers(0, 3), max_size=20))
+def test_shared_prefix_is_the_first_difference(head, a, b):
+    """_shared_prefix (bisection over slices) against an element-wise scan; small alphabets make tails agree often."""
+    x, y = head + a, head + b
+    expected = next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), min(len(x), len(y)))
+    assert _shared_prefix(x, y) == expected == _shared_prefix(y, x)
