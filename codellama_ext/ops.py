@@ -72,6 +72,11 @@ def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) ->
     return _ops.linear_int8(x, qweight, scales)
 
 
+def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """silu_and_mul(linear(x, weight)) (linear_int8 with scales): x [..., K], weight [2F, K] -> [..., F]."""
+    return _ops.linear_silu_and_mul(x, weight, scales)
+
+
 def decoder_layers(x: torch.Tensor, weights: list[torch.Tensor], scales: list[torch.Tensor], k_cache: torch.Tensor,
                    v_cache: torch.Tensor, positions: torch.Tensor, token_slots: torch.Tensor, slots: torch.Tensor, *,
                    seq_lens: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
@@ -153,6 +158,11 @@ def _(weight, group_size):
 @torch.library.register_fake("codellama::linear_int8")
 def _(x, qweight, scales):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+@torch.library.register_fake("codellama::linear_silu_and_mul")
+def _(x, weight, scales):
+    return x.new_empty((*x.shape[:-1], weight.shape[0] // 2))
 
 
 @torch.library.register_fake("codellama::decoder_layers")

@@ -159,6 +159,11 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(x[..., :f]) * x[..., f:]
 
 
+def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """The Llama MLP's gate: silu_and_mul of the projection on [gate rows; up rows] (int8 with scales)."""
+    return silu_and_mul(linear(x, weight) if scales is None else linear_int8(x, weight, scales))
+
+
 def argmax(logits: torch.Tensor) -> torch.Tensor:
     """torch.argmax over the last dim: the first maximum; NaN counts as the largest value."""
     return torch.argmax(logits, dim=-1)

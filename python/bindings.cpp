@@ -36,10 +36,13 @@ TORCH_LIBRARY(codellama, m) {
   m.def("quantize_int8(Tensor weight, int group_size) -> (Tensor qweight, Tensor scales)");
   // y = x (qweight * scales)^T in the activation dtype.  x [..., K], qweight int8 [N, K], scales [N, G]
   m.def("linear_int8(Tensor x, Tensor qweight, Tensor scales) -> Tensor");
+  // silu_and_mul(linear(x, weight)) (linear_int8 with scales), equal bitwise; on CUDA decode rows one kernel that
+  // never stores the [..., 2F] projection.  x [..., K], weight [2F, K] (int8 with scales [2F, G]) -> [..., F]
+  m.def("linear_silu_and_mul(Tensor x, Tensor weight, Tensor? scales) -> Tensor");
   // The decoder layers over T tokens at cache coordinates (token_slots[t], positions[t]), each layer exactly the ops
   // above in the model's order: h = rms_norm(x + residual); q, k, v = linear(h, wqkv); rotary; kv_cache_append;
   // attention (decode when seq_lens is given, else prefill); h = rms_norm(linear(attn, wo) + residual);
-  // x = linear(silu_and_mul(linear(h, w13)), w2) (linear_int8 with `scales` when given).
+  // x = linear(linear_silu_and_mul(h, w13), w2) (linear_int8 with `scales` when given).
   // x [T, dim]; weights: 6 per layer (attention_norm, wqkv [(Hq + 2Hkv) D, dim], wo, ffn_norm, w13, w2);
   // scales: none or 4 per layer (wqkv, wo, w13, w2); caches [L, Bc, S, Hkv, D]; positions, token_slots [T],
   // slots [B] int32 -> (the last layer's x, the residual before it), both [T, dim]
@@ -67,6 +70,7 @@ void register_impls(torch::Library& m) {
   m.impl("linear", &linear);
   m.impl("quantize_int8", &quantize_int8);
   m.impl("linear_int8", &linear_int8);
+  m.impl("linear_silu_and_mul", &linear_silu_and_mul);
   m.impl("decoder_layers", &decoder_layers);
   m.impl("argmax", &argmax);
   m.impl("sample", &sample);

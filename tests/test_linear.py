@@ -64,10 +64,11 @@ def test_linear_int8_matches_reference(device, dtype, m, n, k, group):
 @pytest.mark.parametrize("k,group", [(1040, 0), (1024, 128), (1024, 256), (1040, 80)])
 @pytest.mark.parametrize("m", [1, 3, 8])
 def test_linear_int8_outliers_within_a_block(device, dtype, m, k, group):
-    """On CPU, 16-bit x meets int8 weights as int16 in 128-column blocks (one scale per block, csrc/cpu/linear.cpp):
-    one element 300x the others in every block must not cost the rest of the block their precision, and a
-    block of zeros must stay exact. K = 1040 with one group: 8 full blocks and a 16-column one; groups of 80
-    columns do not hold whole blocks (the fp32 route)."""
+    """In the GEMV, 16-bit x meets int8 weights as int16 in 128-column blocks (one scale per block, the same rule on
+    CPU and CUDA, codellama/linear.h): one element 300x the others in every block must not cost the rest of the
+    block their precision, and a block of zeros must stay exact. K = 1040 with one group: 8 full blocks and a
+    16-column one (CUDA: the fp32 route, K % 128 != 0); groups of 80 columns do not hold whole blocks (the fp32
+    route)."""
     n = 96
     x = torch.randn(m, k, device=device, dtype=dtype)
     x[:, 5::128] *= 300
@@ -99,8 +100,9 @@ def test_linear_int8_non_finite_x(device, dtype, bad, m):
 @pytest.mark.parametrize("m", [1, 3, 9])
 def test_linear_int8_tiny_bf16_x(device, m, group):
     """bf16 reaches 1e-38: on CPU, x blocks with max |x| below ~1e-34 had a subnormal int16 scale whose reciprocal
-    overflowed, every element became -32768 and the outputs were ~3x the truth with random signs. Scaling x by
-    2^-118 (exact: every |x| stays a normal bf16) must scale the output by 2^-118 with the error of unscaled x."""
+    overflowed, every element became -32768 and the outputs were ~3x the truth with random signs (the int16 route
+    now hands such x to the fp32 route, on CPU and CUDA). Scaling x by 2^-118 (exact: every |x| stays a normal
+    bf16) must scale the output by 2^-118 with the error of unscaled x."""
     k, n = 256, 40
     x = torch.randn(m, k, device=device)
     x = (x.sign() * x.abs().clamp(0.01, 3.0)).bfloat16()
@@ -235,6 +237,47 @@ def test_linear_int8_bad_input(device):
             ops.linear_int8(x, q.cuda(), s.cuda())
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("f,k,group", [(11008 // 2, 4096, 0), (48, 256, 128), (40, 200, 8), (5, 48, 0)])
+@pytest.mark.parametrize("m", [1, 2, 5, 8, 9])
+def test_linear_silu_and_mul_equals_the_two_ops(device, dtype, m, f, k, group, int8):
+    """The MLP gate in one op: bitwise the two ops it stands for (on CUDA decode rows one GEMV computes each gate row
+    with its up row and applies silu_and_mul's roundings; the 16-byte, int16-x and element-wise GEMV paths all
+    occur here: K = 200 with groups of 8 takes the element-wise one), and as close as torch's silu_and_mul of our
+    projection, whose own accuracy the linear tests above check (a baseline on the composite is too noisy: the
+    roundings between the ops turn one-ulp differences of the projection into several of the output). Rows past
+    the GEMV's limit take the two ops."""
+    x = torch.randn(m, k, device=device, dtype=dtype)
+    w = torch.randn(2 * f, k, device=device, dtype=dtype) / k ** 0.5
+    if int8:
+        q, s = ops.quantize_int8(w, group)
+        out, projection = ops.linear_silu_and_mul(x, q, s), ops.linear_int8(x, q, s)
+    else:
+        out, projection = ops.linear_silu_and_mul(x, w), ops.linear(x, w)
+    assert out.shape == (m, f) and out.dtype == dtype
+    torch.testing.assert_close(out, ops.silu_and_mul(projection), rtol=0, atol=0)
+    assert_close_to_baseline(out, reference.silu_and_mul(projection), reference.silu_and_mul(projection.double()),
+                             name=f"linear_silu_and_mul int8={int8} {dtype} {m}x{k} -> {f}")
+
+
+def test_linear_silu_and_mul_shapes_and_bad_input(device):
+    x = torch.randn(2, 3, 16, device=device)
+    w = torch.randn(10, 16, device=device)
+    assert ops.linear_silu_and_mul(x, w).shape == (2, 3, 5)
+    assert ops.linear_silu_and_mul(x[:, :0], w).shape == (2, 0, 5)
+    q, s = ops.quantize_int8(w, 4)
+    assert ops.linear_silu_and_mul(x[0, 0], q, s).shape == (5,)
+    with pytest.raises(ValueError, match="weight must have an even, positive number of rows"):
+        ops.linear_silu_and_mul(x, w[:9])
+    with pytest.raises(ValueError, match="weight.shape\\[1\\] must equal K"):
+        ops.linear_silu_and_mul(x[..., :8], w)
+    with pytest.raises(ValueError, match="qweight must be Char"):
+        ops.linear_silu_and_mul(x, w, s)
+    with pytest.raises(ValueError, match="scales.shape\\[0\\] must equal N"):
+        ops.linear_silu_and_mul(x, q, s[:4])
+
+
 @pytest.mark.parametrize("m", [3, 12])  # GEMV and GEMM paths
 def test_linear_opcheck(m):
     x = torch.randn(m, 40)
@@ -243,6 +286,8 @@ def test_linear_opcheck(m):
     torch.library.opcheck(torch.ops.codellama.quantize_int8.default, (w, 8))
     q, s = ops.quantize_int8(w, 8)
     torch.library.opcheck(torch.ops.codellama.linear_int8.default, (x, q, s))
+    torch.library.opcheck(torch.ops.codellama.linear_silu_and_mul.default, (x, w, None))
+    torch.library.opcheck(torch.ops.codellama.linear_silu_and_mul.default, (x, q, s))
 
 
 @pytest.mark.parametrize("weights", ["int8", "bf16"])

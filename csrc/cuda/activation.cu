@@ -1,5 +1,5 @@
-// out = round(round(g / (1 + expf(-g))) * up), g = x[:F], up = x[F:]: elementwise, grid (column blocks, rows).
-// expf (not __expf): the result must round like torch's silu.
+// out = round(round(g / (1 + expf(-g))) * up), g = x[:F], up = x[F:]: elementwise (silu_mul, cuda_common.cuh), grid
+// (column blocks, rows).
 #include "codellama/activation.h"
 #include "cuda_common.cuh"
 
@@ -20,11 +20,7 @@ __global__ void silu_and_mul_kernel(T* __restrict__ out, const T* __restrict__ x
 #pragma unroll
     for (int u = 0; u < kPerThread; ++u) {
       const int64_t i = base + u * kThreads;
-      if (i < f) {
-        const float g = to_f(gate[i]);
-        const float s = round_to<T>(g / (1.0f + expf(-g)));
-        o[i] = from_f<T>(s * to_f(up[i]));
-      }
+      if (i < f) o[i] = silu_mul<T>(to_f(gate[i]), to_f(up[i]));
     }
   }
 }

@@ -46,6 +46,15 @@ __device__ __forceinline__ void store16(T* p, const float* in) {
   *reinterpret_cast<uint4*>(p) = u;
 }
 
+// silu_and_mul's element (codellama/activation.h): round(round(silu(gate)) * up) for gate and up already rounded to
+// T. expf, not __expf: the result must round like torch's silu. Shared by its kernel and the gated GEMV, so the
+// two give equal bits.
+template <typename T>
+__device__ __forceinline__ T silu_mul(float gate, float up) {
+  const float s = round_to<T>(gate / (1.0f + expf(-gate)));
+  return from_f<T>(s * up);
+}
+
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 __device__ __forceinline__ float warp_sum(float v) {

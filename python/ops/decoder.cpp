@@ -78,7 +78,9 @@ std::tuple<at::Tensor, at::Tensor> decoder_layers(const at::Tensor& x, at::Tenso
     const at::Tensor attn = decode ? attention_decode(q, kc, vc, slots, *seq_lens, scale)
                                    : attention_prefill(q, kc, vc, *cu_seqlens, *start_pos, slots, max_query_len, scale);
     std::tie(h, residual) = fused_add_rms_norm(project(attn.view({T, Hq * D}), 1, w[2]), residual, w[3], eps);
-    hidden = project(silu_and_mul(project(h, 2, w[4])), 3, w[5]);
+    const at::Tensor gated =
+        linear_silu_and_mul(h, w[4], int8 ? std::optional<at::Tensor>(scales[kMatricesPerLayer * i + 2]) : std::nullopt);
+    hidden = project(gated, 3, w[5]);
     if (i == 0) checked.emplace();  // layer 0's ops checked the index values against caches of every layer's shape
   }
   return {hidden, residual};

@@ -85,17 +85,38 @@ void check_x(const char* op, const at::Tensor& x) {
   CODELLAMA_CHECK(op, x.size(-1) > 0, "x must have a non-empty last dimension K, got shape ", x.sizes());
 }
 
-}  // namespace
-
-// x [..., K], weight [N, K] -> [..., N]
-at::Tensor linear(const at::Tensor& x, const at::Tensor& weight) {
-  const char* op = "linear";
+// x [..., K], weight [N, K] in x's dtype
+void check_linear_args(const char* op, const at::Tensor& x, const at::Tensor& weight) {
   check_devices(op, {{"x", &x}, {"weight", &weight}});
   check_x(op, x);
   check_same_dtype(op, {"x", &x}, {{"weight", &weight}});
   check_dim(op, "weight", weight, 2, "[N, K]");
   check_size(op, "weight", weight, 1, x.size(-1), "K, the last dimension of x");
   check_contiguous(op, "weight", weight);
+}
+
+// x [..., K], qweight int8 [N, K], scales float32 [N, G] with G dividing K
+void check_int8_args(const char* op, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales) {
+  check_devices(op, {{"x", &x}, {"qweight", &qweight}, {"scales", &scales}});
+  check_x(op, x);
+  check_dtype(op, "qweight", qweight, at::kChar);
+  check_dim(op, "qweight", qweight, 2, "[N, K]");
+  check_size(op, "qweight", qweight, 1, x.size(-1), "K, the last dimension of x");
+  check_contiguous(op, "qweight", qweight);
+  check_dtype(op, "scales", scales, at::kFloat);
+  check_dim(op, "scales", scales, 2, "[N, G]");
+  check_size(op, "scales", scales, 0, qweight.size(0), "N, the rows of qweight");
+  check_contiguous(op, "scales", scales);
+  const int64_t K = x.size(-1), G = scales.size(1);
+  CODELLAMA_CHECK(op, G > 0 && K % G == 0, "scales.shape[1] (groups G) must divide K (", K, "), got ", G);
+}
+
+}  // namespace
+
+// x [..., K], weight [N, K] -> [..., N]
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight) {
+  const char* op = "linear";
+  check_linear_args(op, x, weight);
   const int64_t K = x.size(-1), N = weight.size(0);
   const at::Tensor x2 = rows_of(x, K);
   const int64_t M = x2.size(0);
@@ -161,18 +182,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_int8(const at::Tensor& weight, int64
 // x [..., K], qweight int8 [N, K], scales float32 [N, G] -> [..., N] in x's dtype
 at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales) {
   const char* op = "linear_int8";
-  check_devices(op, {{"x", &x}, {"qweight", &qweight}, {"scales", &scales}});
-  check_x(op, x);
-  check_dtype(op, "qweight", qweight, at::kChar);
-  check_dim(op, "qweight", qweight, 2, "[N, K]");
-  check_size(op, "qweight", qweight, 1, x.size(-1), "K, the last dimension of x");
-  check_contiguous(op, "qweight", qweight);
-  check_dtype(op, "scales", scales, at::kFloat);
-  check_dim(op, "scales", scales, 2, "[N, G]");
-  check_size(op, "scales", scales, 0, qweight.size(0), "N, the rows of qweight");
-  check_contiguous(op, "scales", scales);
+  check_int8_args(op, x, qweight, scales);
   const int64_t K = x.size(-1), N = qweight.size(0), G = scales.size(1);
-  CODELLAMA_CHECK(op, G > 0 && K % G == 0, "scales.shape[1] (groups G) must divide K (", K, "), got ", G);
   const DType dt = float_dtype(op, "x", x);
   const at::Tensor x2 = rows_of(x, K);
   const int64_t M = x2.size(0);
@@ -207,6 +218,36 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qweight, const at:
     }
   }
   return out.view(out_shape(x, N));
+}
+
+// x [..., K], weight [2F, K] (gate rows, then up rows; int8 with scales [2F, G]) -> [..., F]:
+// silu_and_mul(linear(x, weight)), or with linear_int8. On CUDA, rows that take the GEMV run one fused kernel (each
+// warp computes a gate row and its up row and writes only their gated value: the [.., 2F] projection is never
+// stored, and the step loses a launch per layer), with the roundings of the two ops, so the results are equal
+// bitwise; elsewhere (CPU, GEMM rows) it is the two ops.
+at::Tensor linear_silu_and_mul(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scales) {
+  const char* op = "linear_silu_and_mul";
+  if (scales) {
+    check_int8_args(op, x, weight, *scales);
+  } else {
+    check_linear_args(op, x, weight);
+  }
+  const int64_t K = x.size(-1), N = weight.size(0), F = N / 2;
+  CODELLAMA_CHECK(op, N > 0 && N % 2 == 0, "weight must have an even, positive number of rows [2F, K] (gate rows, "
+                  "then up rows), got shape ", weight.sizes());
+  const at::Tensor x2 = rows_of(x, K);
+  const int64_t M = x2.size(0);
+  if (!x.is_cuda() || M == 0 || M > (scales ? kGemvMaxRows : kCudaGemvMaxRows)) {
+    return bind::silu_and_mul(scales ? bind::linear_int8(x, weight, *scales) : bind::linear(x, weight));
+  }
+  at::Tensor out = at::empty({M, F}, x.options());
+#ifdef CODELLAMA_WITH_CUDA
+  const c10::cuda::CUDAGuard guard(x.device());
+  cuda::linear_silu_and_mul(float_dtype(op, "x", x), out.data_ptr(), x2.data_ptr(), x2.stride(0), weight.data_ptr(),
+                            scales ? scales->data_ptr<float>() : nullptr, M, F, K, scales ? scales->size(1) : 1,
+                            current_stream(x));
+#endif
+  return out.view(out_shape(x, F));
 }
 
 }  // namespace codellama::bind

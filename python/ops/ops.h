@@ -48,6 +48,7 @@ at::Tensor silu_and_mul(const at::Tensor& x);
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight);
 std::tuple<at::Tensor, at::Tensor> quantize_int8(const at::Tensor& weight, int64_t group_size);
 at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales);
+at::Tensor linear_silu_and_mul(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scales);
 
 // decoder.cpp
 std::tuple<at::Tensor, at::Tensor> decoder_layers(const at::Tensor& x, at::TensorList weights, at::TensorList scales,

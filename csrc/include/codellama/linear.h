@@ -5,10 +5,12 @@
 //   linear_int8:   y[m, n] = round( sum_g s[n, g] * sum_{k in g} x[m, k] * q[n, k] )  (fp32 accumulation)
 // `round` is one rounding to the activation dtype at the end (identity for fp32): the order of
 // torch.nn.functional.linear on x.float(), w.float() (codellama_ext/reference.py), up to summation order.
-// One exception, CPU linear_int8 with bf16/fp16 x (AVX2 builds, K % 16 == 0, group_size 0 or a multiple of
-// 128): x[m, k] is first rounded to int16 steps of max|x| / 32767 over its 128-column block, an error below the
-// input dtype's own rounding for all but the block's smallest elements (csrc/cpu/linear.cpp). Chunks of 8 rows
-// holding a block with 0 < max|x| < 2^-64 take the fp32 route (an int16 scale that small is subnormal).
+// One exception, linear_int8 with bf16/fp16 x on the GEMV path, CPU (AVX2 builds, K % 16 == 0) and CUDA (K %
+// 128 == 0, 16-byte aligned rows, M * K * 2 + M * K / 32 bytes <= 48 KiB: 7B's K = 11008 up to 2 rows), each with
+// group_size 0 or a multiple of 128: x[m, k] is first rounded to int16 steps of max|x| / 32767 over its 128-column
+// block (the same rule on both), an error below the input dtype's own rounding for all but the block's smallest
+// elements (csrc/cpu/linear.cpp), and the dots are integer. A call (CUDA) or chunk of 8 rows (CPU) holding a
+// block with 0 < max|x| < 2^-64 takes the fp32 route (an int16 scale that small is subnormal).
 // Groups: g(k) = k / group_size; group_size 0 means one group per row (G = 1). G = K / group_size.
 //
 // Dispatch rule (python/ops/linear.cpp): M = number of rows of x (x.numel() / K).
@@ -71,5 +73,10 @@ void linear_int8(DType dt, void* y, const void* x, int64_t x_stride, const int8_
                  int64_t M, int64_t N, int64_t K, int64_t G, cudaStream_t stream);
 void dequantize_int8(DType dt, void* w, const int8_t* q, const float* scales, int64_t N, int64_t K, int64_t G,
                      cudaStream_t stream);
+// silu_and_mul(linear(x, w)) in one GEMV, M <= 8 (linear_int8's when scales, [2F, G], is non-null; w int8 then):
+// w [2F, K] holds the gate rows then the up rows, y [M, F] contiguous. Each warp computes gate row n and up row
+// n + F and stores round(round(silu(g)) * u), g and u first rounded to dt: the two ops' results, bitwise.
+void linear_silu_and_mul(DType dt, void* y, const void* x, int64_t x_stride, const void* w, const float* scales,
+                         int64_t M, int64_t F, int64_t K, int64_t G, cudaStream_t stream);
 }  // namespace cuda
 }  // namespace codellama
