@@ -166,8 +166,14 @@ __device__ __forceinline__ void dot_fp32(float (&acc)[kRowsPerWarp][MB], const W
   }
 }
 
-// Plain: y[m, n0 + r] = the warp's sum of acc[r][m], for the rows that exist. Gated: y[m, n0] = silu_mul of the
-// gate and up sums, each first rounded to T as linear's output would be.
+// linear_silu_and_mul's output from the gate and up row sums: each first rounded to T as linear's output would be,
+// then silu_and_mul's element.
+template <typename T>
+__device__ __forceinline__ T gated(float gate_sum, float up_sum) {
+  return silu_mul<T>(round_to<T>(gate_sum), round_to<T>(up_sum));
+}
+
+// Plain: y[m, n0 + r] = the warp's sum of acc[r][m], for the rows that exist. Gated: y[m, n0] = gated(sums).
 template <typename T, int MB>
 __device__ __forceinline__ void store_rows(T* y, float (&acc)[kRowsPerWarp][MB], int M, int64_t N, int64_t F,
                                            const WarpOutput& o, int lane) {
@@ -178,7 +184,7 @@ __device__ __forceinline__ void store_rows(T* y, float (&acc)[kRowsPerWarp][MB],
     for (int r = 0; r < kRowsPerWarp; ++r) v[r] = warp_sum(acc[r][m]);
     if (lane != 0 || m >= M) continue;
     if (F > 0) {
-      y[m * F + o.n0] = silu_mul<T>(round_to<T>(v[0]), round_to<T>(v[1]));
+      y[m * F + o.n0] = gated<T>(v[0], v[1]);
     } else {
 #pragma unroll
       for (int r = 0; r < kRowsPerWarp; ++r) {
@@ -437,7 +443,7 @@ gemv_scalar_kernel(T* __restrict__ y, const T* __restrict__ x, int64_t x_stride,
       const float u = F > 0 ? warp_sum(acc[1][m]) : 0.f;
       if (lane == 0) {
         if (F > 0) {
-          y[m * F + n] = silu_mul<T>(round_to<T>(v), round_to<T>(u));
+          y[m * F + n] = gated<T>(v, u);
         } else {
           y[m * N + n] = from_f<T>(v);
         }

@@ -85,6 +85,10 @@ void check_x(const char* op, const at::Tensor& x) {
   CODELLAMA_CHECK(op, x.size(-1) > 0, "x must have a non-empty last dimension K, got shape ", x.sizes());
 }
 
+// The most rows the CUDA GEMV takes (more: a GEMM), for int8 or activation-dtype weights (the dispatch rule above).
+// One place, because linear_silu_and_mul fuses exactly the calls that take the GEMV.
+int64_t cuda_gemv_max_rows(bool int8) { return int8 ? kGemvMaxRows : kCudaGemvMaxRows; }
+
 // x [..., K], weight [N, K] in x's dtype
 void check_linear_args(const char* op, const at::Tensor& x, const at::Tensor& weight) {
   check_devices(op, {{"x", &x}, {"weight", &weight}});
@@ -121,7 +125,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight) {
   const at::Tensor x2 = rows_of(x, K);
   const int64_t M = x2.size(0);
   const bool cpu_blocks = !x.is_cuda() && !cpu_has_native_matmul(x.scalar_type());
-  if (M > (x.is_cuda() ? kCudaGemvMaxRows : cpu_blocks ? kCpuGemvMaxRows : kGemvMaxRows)) {
+  if (M > (x.is_cuda() ? cuda_gemv_max_rows(false) : cpu_blocks ? kCpuGemvMaxRows : kGemvMaxRows)) {
     if (cpu_blocks) {
       return cpu_gemm_fp32_blocks(x2, N, [&](at::Tensor& w, int64_t n0, int64_t n) {
         w.copy_(weight.narrow(0, n0, n));
@@ -187,7 +191,7 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qweight, const at:
   const DType dt = float_dtype(op, "x", x);
   const at::Tensor x2 = rows_of(x, K);
   const int64_t M = x2.size(0);
-  if (M > kGemvMaxRows && x.is_cuda()) {  // GEMM: dequantise into x's dtype, then cuBLAS
+  if (x.is_cuda() && M > cuda_gemv_max_rows(true)) {  // GEMM: dequantise into x's dtype, then cuBLAS
     at::Tensor w = at::empty({N, K}, x.options());
 #ifdef CODELLAMA_WITH_CUDA
     const c10::cuda::CUDAGuard guard(x.device());
@@ -237,7 +241,7 @@ at::Tensor linear_silu_and_mul(const at::Tensor& x, const at::Tensor& weight, co
                   "then up rows), got shape ", weight.sizes());
   const at::Tensor x2 = rows_of(x, K);
   const int64_t M = x2.size(0);
-  if (!x.is_cuda() || M == 0 || M > (scales ? kGemvMaxRows : kCudaGemvMaxRows)) {
+  if (!x.is_cuda() || M == 0 || M > cuda_gemv_max_rows(scales.has_value())) {
     return bind::silu_and_mul(scales ? bind::linear_int8(x, weight, *scales) : bind::linear(x, weight));
   }
   at::Tensor out = at::empty({M, F}, x.options());
