@@ -780,6 +780,29 @@ def test_cuda_graph_decode_equals_eager(folder_d64):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype,quantize", [(torch.float32, None), (torch.float16, None), (torch.bfloat16, "int8")])
+def test_cuda_dependent_launch_changes_no_bits(folder_d64, monkeypatch, dtype, quantize):
+    """The decoder's kernels started before their predecessors end (programmatic dependent launch, codellama/launch.h;
+    on compute capability 9.x) change when they run, never what they compute: ids and log-probabilities
+    equal to bits with it turned off (CODELLAMA_PDL=0), graphed and eager, prefill and decode."""
+    model = load_model(folder_d64, device="cuda", dtype=dtype, quantize=quantize, max_seq_len=96, max_batch_size=5)
+    prompts = random_prompts(7)
+    sp = SamplingParams(max_new_tokens=N_NEW)
+
+    def run():
+        out = []
+        for graphs in (True, False):
+            results = Engine(model, cuda_graphs=graphs, prefix_cache=False).generate(prompts, sp, [EOS], logprobs=True)
+            out.append([(r.tokens, r.logprobs) for r in results])
+        return out
+
+    monkeypatch.setenv("CODELLAMA_PDL", "0")
+    plain = run()
+    monkeypatch.delenv("CODELLAMA_PDL")
+    assert run() == plain
+
+
+@pytest.mark.cuda
 def test_cuda_prompts_joining_in_parts_equal_whole(folder_d64):
     """On CUDA with graphs: prompts joining a run in parts of 3 tokens, fed with the decoding rows' step (eager);
     in a drafting run, whose plain steps are graph replays, the prompts being prefilled leave too few free slots

@@ -68,9 +68,11 @@ if stage bench; then
 fi
 
 if stage profile; then
-  for q in "" "--quantize int8"; do
-    timeout "${PROFILE_S:-60}" "$PY" tools/profile_decode.py --shape 7b --dtype float16 $q 2>&1 \
-      | grep -v "profiler.py\|_warn_once\|^USDT\|^ERROR\|^STAGE" | head -16 | tee -a "$OUT/profile.log"
+  # the last run with programmatic dependent launch turned off (codellama/launch.h), for its share of the step
+  for run in "1|" "1|--quantize int8" "0|"; do
+    echo "CODELLAMA_PDL=${run%%|*} ${run#*|}" | tee -a "$OUT/profile.log"
+    CODELLAMA_PDL="${run%%|*}" timeout "${PROFILE_S:-60}" "$PY" tools/profile_decode.py --shape 7b --dtype float16 \
+      ${run#*|} 2>&1 | grep -v "profiler.py\|_warn_once\|^USDT\|^ERROR\|^STAGE" | head -16 | tee -a "$OUT/profile.log"
   done
 fi
 

@@ -12,6 +12,7 @@ constexpr int kPerThread = 4;
 template <typename T>
 __global__ void silu_and_mul_kernel(T* __restrict__ out, const T* __restrict__ x, int64_t x_stride, int64_t rows,
                                     int64_t f) {
+  grid_dependency_sync();
   for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
     const T* gate = x + r * x_stride;
     const T* up = gate + f;
@@ -33,8 +34,8 @@ void silu_and_mul(DType dt, void* out, const void* x, int64_t x_stride, int64_t 
   const int64_t col_blocks = (f + kThreads * kPerThread - 1) / (kThreads * kPerThread);
   const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(rows < 65535 ? rows : 65535));
   CODELLAMA_DISPATCH_CUDA_TYPES(dt, "silu_and_mul", {
-    silu_and_mul_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
-        static_cast<scalar_t*>(out), static_cast<const scalar_t*>(x), x_stride, rows, f);
+    launch_kernel(silu_and_mul_kernel<scalar_t>, grid, kThreads, 0, stream, static_cast<scalar_t*>(out),
+                  static_cast<const scalar_t*>(x), x_stride, rows, f);
   });
   check_launch("silu_and_mul");
 }

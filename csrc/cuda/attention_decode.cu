@@ -59,6 +59,7 @@ decode_split_kernel(const T* __restrict__ q, int64_t q_rs, int64_t q_hs, const T
   float* ws_acc = ws + 2 * NB;
   const int64_t idx0 = (static_cast<int64_t>(b) * Hq + h0) * splits + split;  // + g * splits for head h0 + g
 
+  grid_dependency_sync();
   const int64_t slot = slots[b];
   int64_t len = seq_lens[b];
   if (slot < 0 || slot >= Bc) len = 0;
@@ -194,6 +195,7 @@ decode_combine_kernel(T* __restrict__ out, const float* __restrict__ ws, int Hq,
   const float* ws_m = ws + idx0;
   const float* ws_l = ws + NB + idx0;
   const float* ws_acc = ws + 2 * NB + idx0 * D;
+  grid_dependency_sync();
   float M = -INFINITY;
   for (int s = 0; s < splits; ++s) M = fmaxf(M, ws_m[s]);
   float L = 0.f, o = 0.f;
@@ -217,13 +219,13 @@ void launch(void* out, HeadsView q, int64_t batch, int64_t q_heads, const KVCach
     throw std::invalid_argument("attention_decode: batch or head count too large for the CUDA grid");
   }
   const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(q_heads / GB), static_cast<unsigned>(batch));
-  decode_split_kernel<T, D><<<grid, kThreads, 0, stream>>>(
-      static_cast<const T*>(q.data), q.row_stride, q.head_stride, static_cast<const T*>(c.k),
-      static_cast<const T*>(c.v), c.batch, c.capacity, static_cast<int>(c.kv_heads), static_cast<int>(q_heads), GB,
-      slots, seq_lens, scale, ws, static_cast<int>(splits), static_cast<int>(chunk));
+  launch_kernel(decode_split_kernel<T, D>, grid, kThreads, 0, stream, static_cast<const T*>(q.data), q.row_stride,
+                q.head_stride, static_cast<const T*>(c.k), static_cast<const T*>(c.v), c.batch, c.capacity,
+                static_cast<int>(c.kv_heads), static_cast<int>(q_heads), GB, slots, seq_lens, scale, ws,
+                static_cast<int>(splits), static_cast<int>(chunk));
   check_launch("attention_decode (split)");
-  decode_combine_kernel<T, D><<<dim3(static_cast<unsigned>(q_heads), static_cast<unsigned>(batch)), D, 0, stream>>>(
-      static_cast<T*>(out), ws, static_cast<int>(q_heads), static_cast<int>(splits));
+  launch_kernel(decode_combine_kernel<T, D>, dim3(static_cast<unsigned>(q_heads), static_cast<unsigned>(batch)), D, 0,
+                stream, static_cast<T*>(out), ws, static_cast<int>(q_heads), static_cast<int>(splits));
   check_launch("attention_decode (combine)");
 }
 

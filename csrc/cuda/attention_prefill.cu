@@ -40,6 +40,7 @@ prefill_kernel(T* __restrict__ out, const T* __restrict__ q, int64_t q_rs, int64
   float* Ps = KVs + kBN * LD;    // [kBM][PD]: rounded probabilities of the tile
 
   const int b = blockIdx.z, h = blockIdx.y, tid = threadIdx.x;
+  grid_dependency_sync();
   const int64_t seq0 = cu[b];
   const int64_t len = static_cast<int64_t>(cu[b + 1]) - seq0;
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBM;
@@ -214,6 +215,7 @@ prefill_tc_kernel(T* __restrict__ out, const T* __restrict__ q, int64_t q_rs, in
 
   const int b = blockIdx.z, h = blockIdx.y, tid = threadIdx.x;
   const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, tig = lane & 3;
+  grid_dependency_sync();
   const int64_t seq0 = cu[b];
   const int64_t len = static_cast<int64_t>(cu[b + 1]) - seq0;
   const int64_t m0 = static_cast<int64_t>(gridDim.x - 1 - blockIdx.x) * kBM;
@@ -368,22 +370,17 @@ void launch(void* out, HeadsView q, int64_t q_heads, const KVCache& c, const int
     throw std::invalid_argument("attention_prefill: batch or head count too large for the CUDA grid");
   }
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(q_heads), static_cast<unsigned>(batch));
+  const auto run = [&](auto kernel, int threads, size_t smem) {
+    set_smem(reinterpret_cast<const void*>(kernel), smem);
+    launch_kernel(kernel, grid, threads, smem, stream, static_cast<T*>(out), static_cast<const T*>(q.data),
+                  q.row_stride, q.head_stride, static_cast<const T*>(c.k), static_cast<const T*>(c.v), c.batch,
+                  c.capacity, static_cast<int>(c.kv_heads), static_cast<int>(q_heads), cu_seqlens, start_pos, slots,
+                  scale);
+  };
   if constexpr (std::is_same_v<T, float>) {
-    constexpr size_t smem = prefill_smem_bytes<D>();
-    auto kernel = prefill_kernel<T, D>;
-    set_smem(reinterpret_cast<const void*>(kernel), smem);
-    kernel<<<grid, kThreads, smem, stream>>>(static_cast<T*>(out), static_cast<const T*>(q.data), q.row_stride,
-                                              q.head_stride, static_cast<const T*>(c.k), static_cast<const T*>(c.v),
-                                              c.batch, c.capacity, static_cast<int>(c.kv_heads),
-                                              static_cast<int>(q_heads), cu_seqlens, start_pos, slots, scale);
+    run(prefill_kernel<T, D>, kThreads, prefill_smem_bytes<D>());
   } else {
-    constexpr size_t smem = TcLayout<D>::bytes;
-    auto kernel = prefill_tc_kernel<T, D>;
-    set_smem(reinterpret_cast<const void*>(kernel), smem);
-    kernel<<<grid, kTcThreads, smem, stream>>>(static_cast<T*>(out), static_cast<const T*>(q.data), q.row_stride,
-                                                q.head_stride, static_cast<const T*>(c.k), static_cast<const T*>(c.v),
-                                                c.batch, c.capacity, static_cast<int>(c.kv_heads),
-                                                static_cast<int>(q_heads), cu_seqlens, start_pos, slots, scale);
+    run(prefill_tc_kernel<T, D>, kTcThreads, TcLayout<D>::bytes);
   }
   check_launch("attention_prefill");
 }

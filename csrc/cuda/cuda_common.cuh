@@ -9,8 +9,10 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "codellama/common.h"
+#include "codellama/launch.h"
 
 namespace codellama::cuda {
 
@@ -80,6 +82,37 @@ __device__ __forceinline__ float block_sum(float v) {
   const int warps = blockDim.x >> 5;
   v = lane < warps ? partial[lane] : 0.f;
   return warp_sum(v);
+}
+
+// Programmatic dependent launch (codellama/launch.h): waits until the kernel this one may have started beside has
+// finished and its writes are visible, then lets the next kernel launch. Every kernel calls it before it touches
+// memory that another kernel may write (only weights may be read before it, see launch.h). Returns at once when the
+// kernel was launched normally, and when called again.
+__device__ __forceinline__ void grid_dependency_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...), made a programmatic dependent launch where next_launch_dependent()
+// says so. A failure is left for check_launch.
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                   Args&&... args) {
+  cudaLaunchAttribute dependent{};
+  dependent.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  dependent.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  if (next_launch_dependent()) {
+    config.attrs = &dependent;
+    config.numAttrs = 1;
+  }
+  (void)cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
 }
 
 inline void check_launch(const char* op) {

@@ -21,6 +21,7 @@ kv_cache_append_kernel(U* __restrict__ kc, U* __restrict__ vc, const U* __restri
   const int64_t t = blockIdx.x;
   const int i = blockIdx.y * kThreads + threadIdx.x;
   if (i >= H * D) return;
+  grid_dependency_sync();
   const int64_t slot = slots[t], pos = positions[t];
   if (slot < 0 || slot >= Bc || pos < 0 || pos >= S) return;
   const int h = i / D, d = i - h * D;
@@ -36,10 +37,10 @@ void launch(const KVCache& c, HeadsView k, HeadsView v, const int32_t* slots, co
   const int64_t units = c.kv_heads * c.head_dim / n;
   if (tokens > 0x7fffffff || units > 0x7fffffff) throw std::invalid_argument("kv_cache_append: too many tokens");
   const dim3 grid(static_cast<unsigned>(tokens), static_cast<unsigned>((units + kThreads - 1) / kThreads));
-  kv_cache_append_kernel<U><<<grid, kThreads, 0, stream>>>(
-      static_cast<U*>(c.k), static_cast<U*>(c.v), static_cast<const U*>(k.data), k.row_stride / n,
-      k.head_stride / n, static_cast<const U*>(v.data), v.row_stride / n, v.head_stride / n, slots, positions, c.batch,
-      c.capacity, static_cast<int>(c.kv_heads), static_cast<int>(c.head_dim / n));
+  launch_kernel(kv_cache_append_kernel<U>, grid, kThreads, 0, stream, static_cast<U*>(c.k), static_cast<U*>(c.v),
+                static_cast<const U*>(k.data), k.row_stride / n, k.head_stride / n, static_cast<const U*>(v.data),
+                v.row_stride / n, v.head_stride / n, slots, positions, c.batch, c.capacity,
+                static_cast<int>(c.kv_heads), static_cast<int>(c.head_dim / n));
 }
 
 }  // namespace

@@ -5,7 +5,9 @@
 // GEMV: each warp computes 2 output rows, a block of 4 warps 8 rows. Per step a lane issues 4 16-byte weight
 // loads for each of its rows before using any (8 loads, 4 KB per warp in flight: decode GEMVs are
 // latency-bound otherwise), with L1::no_allocate since weights are read once; activations come through
-// L1/L2 (__ldg, shared by all blocks) and each is used for both rows. int8 weights: the dot of each 16-weight
+// L1/L2 (__ldg, shared by all blocks) and each is used for both rows. The first step's weight loads are issued
+// before the wait for the previous kernel (grid_dependency_sync; codellama/launch.h), so in a decode step they
+// overlap the small kernels before the GEMV. int8 weights: the dot of each 16-weight
 // piece (one group) is multiplied by its group scale; with 16-bit activations whose int16 form fits 48 KiB of
 // shared memory (7B: up to 2 rows at K = 11008, 5 at K = 4096) and whole 128-column blocks per group, x is
 // first rounded to int16 blocks and the dots are integer (gemv_int8_x16_kernel below; the CPU's int16 route,
@@ -65,11 +67,19 @@ __device__ __forceinline__ void load_vec(const T* p, float* f) {
   for (int i = 0; i < E / per; ++i) unpack(__ldg(reinterpret_cast<const uint4*>(p) + i), f + i * per, p);
 }
 
-// A weight load that bypasses L1 (each weight is read once per call).
+// A weight load that bypasses L1 (each weight is read once per call). kEarly: a load issued before
+// grid_dependency_sync, coherent (ld.global, not .nc): ptxas moves .nc loads past griddepcontrol.wait (seen in the
+// sm_90 SASS), coherent ones it keeps ahead of it.
+template <bool kEarly = false>
 __device__ __forceinline__ uint4 ld_stream(const void* p) {
   uint4 r;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-      : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+  if constexpr (kEarly) {
+    asm volatile("ld.global.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+  } else {
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+        : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+  }
   return r;
 }
 
@@ -147,17 +157,29 @@ __device__ __forceinline__ void dot_fp32(float (&acc)[kRowsPerWarp][MB], const W
       }
     }
   };
-  int64_t k = static_cast<int64_t>(lane) * E;
-  for (; k + (kLoads - 1) * kStep < K; k += kLoads * kStep) {
+  // kLoads pieces of each row at k, k + kStep, ...: all loads, then the dots
+  const auto batch = [&](int64_t k, auto first) {
+    constexpr bool kFirst = decltype(first)::value;  // the loads are issued before grid_dependency_sync
     uint4 wv[kLoads][R];
 #pragma unroll
     for (int u = 0; u < kLoads; ++u) {
 #pragma unroll
-      for (int r = 0; r < R; ++r) wv[u][r] = ld_stream(rows.w[r] + k + u * kStep);
+      for (int r = 0; r < R; ++r) wv[u][r] = ld_stream<kFirst>(rows.w[r] + k + u * kStep);
     }
+    if (kFirst) grid_dependency_sync();
 #pragma unroll
     for (int u = 0; u < kLoads; ++u) fma_step(wv[u], k + u * kStep);
+  };
+  // The first batch's weights are requested before the wait for the previous kernel (codellama/launch.h): in a
+  // dependent launch they are on their way while it ends.
+  int64_t k = static_cast<int64_t>(lane) * E;
+  if (k + (kLoads - 1) * kStep < K) {
+    batch(k, std::true_type{});
+    k += kLoads * kStep;
+  } else {
+    grid_dependency_sync();
   }
+  for (; k + (kLoads - 1) * kStep < K; k += kLoads * kStep) batch(k, std::false_type{});
   for (; k < K; k += kStep) {
     uint4 wv[R];
 #pragma unroll
@@ -333,16 +355,17 @@ gemv_int8_x16_kernel(T* __restrict__ y, const T* __restrict__ x, int64_t x_strid
   // this warp's first pieces of W are in flight while x is rounded (they do not depend on it)
   int64_t k = static_cast<int64_t>(lane) * 16;
   uint4 wv[kLoads][R];
-  const auto load_pieces = [&] {
+  const auto load_pieces = [&](auto first) {  // first: issued before grid_dependency_sync
 #pragma unroll
     for (int u = 0; u < kLoads; ++u) {
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        if (k + u * kStep < K) wv[u][r] = ld_stream(rows.w[r] + k + u * kStep);
+        if (k + u * kStep < K) wv[u][r] = ld_stream<decltype(first)::value>(rows.w[r] + k + u * kStep);
       }
     }
   };
-  load_pieces();
+  load_pieces(std::true_type{});
+  grid_dependency_sync();  // x is the previous kernel's output
   const bool tiny = quantize_x_int16(xq, xs, x, x_stride, M, K);
   if (o.n0 >= o.outputs) return;  // after the block's barrier; uniform over the warp
   float acc[R][MB] = {};
@@ -397,7 +420,7 @@ gemv_int8_x16_kernel(T* __restrict__ y, const T* __restrict__ x, int64_t x_strid
       }
       k += kLoads * kStep;
       if (k >= K) break;
-      load_pieces();
+      load_pieces(std::false_type{});
     }
   };
   if (G == 1) {
@@ -416,6 +439,7 @@ gemv_scalar_kernel(T* __restrict__ y, const T* __restrict__ x, int64_t x_stride,
   const int lane = threadIdx.x & 31;
   const int64_t n = global_warp();
   if (n >= (F > 0 ? F : N)) return;
+  grid_dependency_sync();
   float acc[2][kMaxM];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -481,8 +505,8 @@ void launch_gemv(T* y, const T* x, int64_t x_stride, const W* w, const float* sc
                    (!kScaled || gs % E == 0) && K <= 0x7fffffff;
   if (!vec) {  // a warp per output column
     const dim3 grid(static_cast<unsigned>(((F > 0 ? F : N) + kWarps - 1) / kWarps));
-    gemv_scalar_kernel<T, W, kScaled><<<grid, kWarps * 32, 0, stream>>>(y, x, x_stride, w, scales, m, N, K, gs, G,
-                                                                        F);
+    launch_kernel(gemv_scalar_kernel<T, W, kScaled>, grid, kWarps * 32, 0, stream, y, x, x_stride, w, scales, m, N, K,
+                  gs, G, F);
     return;
   }
   // plain: kRowsPerBlock output columns per block; gated: one per warp
@@ -493,15 +517,15 @@ void launch_gemv(T* y, const T* x, int64_t x_stride, const W* w, const float* sc
       const dim3 grid16(static_cast<unsigned>(F > 0 ? (F + kX16Warps - 1) / kX16Warps
                                                   : (N + kX16Warps * kRowsPerWarp - 1) / (kX16Warps * kRowsPerWarp)));
       with_row_bucket(m, [&](auto mb) {
-        gemv_int8_x16_kernel<T, decltype(mb)::value><<<grid16, kX16Warps * 32, static_cast<size_t>(smem), stream>>>(
-            y, x, x_stride, w, scales, m, N, K, gs, G, F);
+        launch_kernel(gemv_int8_x16_kernel<T, decltype(mb)::value>, grid16, kX16Warps * 32, static_cast<size_t>(smem),
+                      stream, y, x, x_stride, w, scales, m, N, K, gs, G, F);
       });
       return;
     }
   }
   with_row_bucket(m, [&](auto mb) {
-    gemv_kernel<T, W, kScaled, decltype(mb)::value><<<grid, kWarps * 32, 0, stream>>>(y, x, x_stride, w, scales, m,
-                                                                                      N, K, gs, G, F);
+    launch_kernel(gemv_kernel<T, W, kScaled, decltype(mb)::value>, grid, kWarps * 32, 0, stream, y, x, x_stride, w,
+                  scales, m, N, K, gs, G, F);
   });
 }
 
@@ -512,6 +536,7 @@ __global__ void quantize_kernel(int8_t* __restrict__ q, float* __restrict__ scal
   const int lane = threadIdx.x & 31;
   const int64_t task = static_cast<int64_t>(blockIdx.x) * kQuantWarps + (threadIdx.x >> 5);
   if (task >= tasks) return;
+  grid_dependency_sync();
   const int64_t n = task / G, g = task % G;
   const T* wr = w + n * K + g * gs;
   int8_t* qr = q + n * K + g * gs;
@@ -535,6 +560,7 @@ __global__ void dequantize_vec_kernel(T* __restrict__ w, const int8_t* __restric
                                       const float* __restrict__ scales, int64_t N, int64_t K, int64_t gs, int64_t G) {
   constexpr int E = 16;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x * E;
+  grid_dependency_sync();
   for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {
     const int8_t* qr = q + n * K;
     T* wr = w + n * K;
@@ -557,6 +583,7 @@ __global__ void dequantize_vec_kernel(T* __restrict__ w, const int8_t* __restric
 template <typename T>
 __global__ void dequantize_kernel(T* __restrict__ w, const int8_t* __restrict__ q, const float* __restrict__ scales,
                                   int64_t total, int64_t K, int64_t gs, int64_t G) {
+  grid_dependency_sync();
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t n = i / K, k = i % K;
@@ -607,7 +634,8 @@ void quantize_int8(DType dt, int8_t* q, float* scales, const void* w, int64_t N,
   if (tasks == 0) return;
   const dim3 grid(static_cast<unsigned>((tasks + kQuantWarps - 1) / kQuantWarps)), block(kQuantWarps * 32);
   CODELLAMA_DISPATCH_CUDA_TYPES(dt, "quantize_int8", {
-    quantize_kernel<scalar_t><<<grid, block, 0, stream>>>(q, scales, static_cast<const scalar_t*>(w), tasks, K, gs, G);
+    launch_kernel(quantize_kernel<scalar_t>, grid, block, 0, stream, q, scales, static_cast<const scalar_t*>(w), tasks,
+                  K, gs, G);
   });
   check_launch("quantize_int8");
 }
@@ -621,7 +649,8 @@ void dequantize_int8(DType dt, void* w, const int8_t* q, const float* scales, in
     const dim3 grid(static_cast<unsigned>((K / 16 + threads - 1) / threads),
                     static_cast<unsigned>(std::min<int64_t>(N, 65535)));
     CODELLAMA_DISPATCH_CUDA_TYPES(dt, "dequantize_int8", {
-      dequantize_vec_kernel<scalar_t><<<grid, threads, 0, stream>>>(static_cast<scalar_t*>(w), q, scales, N, K, gs, G);
+      launch_kernel(dequantize_vec_kernel<scalar_t>, grid, threads, 0, stream, static_cast<scalar_t*>(w), q, scales, N,
+                    K, gs, G);
     });
     check_launch("dequantize_int8");
     return;
@@ -629,8 +658,8 @@ void dequantize_int8(DType dt, void* w, const int8_t* q, const float* scales, in
   const int threads = 256;
   const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, int64_t{1} << 16);
   CODELLAMA_DISPATCH_CUDA_TYPES(dt, "dequantize_int8", {
-    dequantize_kernel<scalar_t><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
-        static_cast<scalar_t*>(w), q, scales, total, K, gs, G);
+    launch_kernel(dequantize_kernel<scalar_t>, static_cast<unsigned>(blocks), threads, 0, stream,
+                  static_cast<scalar_t*>(w), q, scales, total, K, gs, G);
   });
   check_launch("dequantize_int8");
 }

@@ -16,6 +16,7 @@ template <typename T, bool kFusedAdd>
 __global__ void rms_norm_kernel(T* __restrict__ out, T* residual_out, const T* x, int64_t x_stride,
                                 const T* residual, const T* __restrict__ w, int64_t dim, float eps) {
   const int64_t row = blockIdx.x;
+  grid_dependency_sync();
   const T* xr = x + row * x_stride;
   T* o = out + row * dim;
   float ss = 0.f;
@@ -49,6 +50,7 @@ rms_norm_vec_kernel(T* out, T* residual_out, const T* x, int64_t x_stride, const
   constexpr int N = kVec16<T>;
   const int64_t row = blockIdx.x;
   const int vecs = dim / N;
+  grid_dependency_sync();
   float v[kMaxVecs][N], r[kMaxVecs][N], wv[kMaxVecs][N];
   // every load first: outputs may alias inputs, so no load may wait behind a store
 #pragma unroll
@@ -104,10 +106,11 @@ void launch(void* out, void* residual_out, const void* x, int64_t x_stride, cons
   const T* wp = static_cast<const T*>(w);
   // an absent residual (nullptr) is aligned
   if (fits_vec_kernel<T>(out, residual_out, x, x_stride, residual, w, dim)) {
-    rms_norm_vec_kernel<T, kFusedAdd><<<rows, kThreads, 0, stream>>>(o, ro, xp, x_stride, rp, wp,
-                                                                      static_cast<int>(dim), eps);
+    launch_kernel(rms_norm_vec_kernel<T, kFusedAdd>, static_cast<unsigned>(rows), kThreads, 0, stream, o, ro, xp,
+                  x_stride, rp, wp, static_cast<int>(dim), eps);
   } else {
-    rms_norm_kernel<T, kFusedAdd><<<rows, kThreads, 0, stream>>>(o, ro, xp, x_stride, rp, wp, dim, eps);
+    launch_kernel(rms_norm_kernel<T, kFusedAdd>, static_cast<unsigned>(rows), kThreads, 0, stream, o, ro, xp, x_stride,
+                  rp, wp, dim, eps);
   }
 }
 

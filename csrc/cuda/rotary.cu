@@ -57,6 +57,7 @@ __global__ void __launch_bounds__(kThreads) rotary_pair_kernel(RotaryArgs a) {
   const int64_t t = blockIdx.x, half = a.head_dim / 2;
   const int64_t w = static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x;
   const bool active = w < (a.q_heads + a.kv_heads) * half;
+  grid_dependency_sync();
   int64_t j0 = 0, j1 = 0;
   T* p = nullptr;
   float x0 = 0.f, x1 = 0.f;
@@ -75,6 +76,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) rotary_token_kernel(RotaryArgs a) {
   extern __shared__ float tab[];
   const int64_t t = blockIdx.x, half = a.head_dim / 2;
+  grid_dependency_sync();
   fill_table(a, t, tab);
   __syncthreads();
   const int64_t total = (a.q_heads + a.kv_heads) * half;
@@ -100,9 +102,9 @@ void rotary_embedding(DType dt, const RotaryArgs& a, cudaStream_t stream) {
   CODELLAMA_DISPATCH_CUDA_TYPES(dt, "rotary_embedding", {
     if (a.tokens < kPairBlocksBelow) {
       const dim3 grid(tokens, static_cast<unsigned>((pairs + kThreads - 1) / kThreads));
-      rotary_pair_kernel<scalar_t><<<grid, kThreads, smem, stream>>>(a);
+      launch_kernel(rotary_pair_kernel<scalar_t>, grid, kThreads, smem, stream, a);
     } else {
-      rotary_token_kernel<scalar_t><<<tokens, kThreads, smem, stream>>>(a);
+      launch_kernel(rotary_token_kernel<scalar_t>, tokens, kThreads, smem, stream, a);
     }
   });
   check_launch("rotary_embedding");

@@ -60,6 +60,7 @@ __device__ int block_argmax(const T* row, int v) {
 
 template <typename T>
 __global__ void argmax_kernel(int64_t* out, const T* logits, int64_t stride, int v) {
+  grid_dependency_sync();
   const int i = block_argmax(logits + static_cast<int64_t>(blockIdx.x) * stride, v);
   if (threadIdx.x == 0) out[blockIdx.x] = i;
 }
@@ -277,6 +278,7 @@ __global__ void __launch_bounds__(kChunk) sample_kernel(int64_t* out, const T* l
   __shared__ SampleShared sh;
   const int b = blockIdx.x;
   const T* row = logits + static_cast<int64_t>(b) * stride;
+  grid_dependency_sync();
   const float temp = temperature[b];
   if (!(temp > 0.f)) {
     const int i = block_argmax(row, v);
@@ -317,8 +319,8 @@ void argmax(DType dt, int64_t* out, const void* logits, int64_t stride, int64_t 
             cudaStream_t stream) {
   if (rows == 0) return;
   CODELLAMA_DISPATCH_CUDA_TYPES(dt, "argmax", {
-    argmax_kernel<scalar_t><<<static_cast<unsigned>(rows), kArgmaxThreads, 0, stream>>>(
-        out, static_cast<const scalar_t*>(logits), stride, static_cast<int>(vocab));
+    launch_kernel(argmax_kernel<scalar_t>, static_cast<unsigned>(rows), kArgmaxThreads, 0, stream, out,
+                  static_cast<const scalar_t*>(logits), stride, static_cast<int>(vocab));
   });
   check_launch("argmax");
 }
@@ -328,9 +330,9 @@ void sample(DType dt, int64_t* out, const void* logits, int64_t stride, int64_t 
             cudaStream_t stream) {
   if (rows == 0) return;
   CODELLAMA_DISPATCH_CUDA_TYPES(dt, "sample", {
-    sample_kernel<scalar_t><<<static_cast<unsigned>(rows), kChunk, 0, stream>>>(
-        out, static_cast<const scalar_t*>(logits), stride, static_cast<int>(vocab), temperature, top_k, top_p,
-        uniform);
+    launch_kernel(sample_kernel<scalar_t>, static_cast<unsigned>(rows), kChunk, 0, stream, out,
+                  static_cast<const scalar_t*>(logits), stride, static_cast<int>(vocab), temperature, top_k, top_p,
+                  uniform);
   });
   check_launch("sample");
 }

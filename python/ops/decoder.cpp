@@ -11,6 +11,10 @@
 #include "checks.h"
 #include "ops.h"
 
+#ifdef CODELLAMA_WITH_CUDA
+#include "codellama/launch.h"
+#endif
+
 namespace codellama::bind {
 namespace {
 
@@ -55,6 +59,11 @@ std::tuple<at::Tensor, at::Tensor> decoder_layers(const at::Tensor& x, at::Tenso
   const int64_t Hq = weights[1].size(0) / D - 2 * Hkv;
   const double scale = std::pow(static_cast<double>(D), -0.5);  // as ops.attention_*: head_dim ** -0.5
 
+#ifdef CODELLAMA_WITH_CUDA
+  // The layers' kernels may overlap their predecessors (codellama/launch.h): none of them writes a weight.
+  std::optional<cuda::DependentLaunchScope> dependent;
+  if (x.is_cuda()) dependent.emplace();
+#endif
   at::Tensor h, residual, hidden = x;
   std::optional<IndexValuesChecked> checked;
   for (int64_t i = 0; i < L; ++i) {

@@ -1,0 +1,36 @@
+// Programmatic dependent launch (PDL; used on compute capability 9.x, see launch.cu). A kernel launched so may
+// start while the kernel before it in the stream is still running: its blocks run up to griddepcontrol.wait, which waits for that
+// kernel to finish and its writes to be visible. Every kernel of csrc/cuda starts with that wait, after which it
+// lets the next kernel launch (grid_dependency_sync, cuda_common.cuh); the GEMVs issue their first weight loads
+// before it. In a decode step the small kernels between two GEMVs (norms, RoPE, the cache append, attention) then
+// run while the next GEMV's weights are already on their way, and each kernel's launch and ramp-up overlap the
+// previous one's tail.
+//
+// Reading weights before the wait is only safe where no kernel that may still be running writes them. So a launch
+// is dependent only inside a DependentLaunchScope, which its opener opens over kernels that never write weights
+// (decoder_layers), and never the scope's first launch: that one waits for everything before the scope as usual,
+// and each later kernel starts after its predecessor's wait, so no kernel from before the scope is still running.
+// CODELLAMA_PDL=0 in the environment (read when a scope opens) turns it off.
+#pragma once
+
+#include <cstdint>
+
+namespace codellama::cuda {
+
+// Launches on this thread while the scope is alive, after its first, are programmatic dependent launches (on
+// compute capability 9.x). Scopes nest; an inner one starts afresh (its first launch is not dependent).
+class DependentLaunchScope {
+ public:
+  DependentLaunchScope();
+  ~DependentLaunchScope();
+  DependentLaunchScope(const DependentLaunchScope&) = delete;
+  DependentLaunchScope& operator=(const DependentLaunchScope&) = delete;
+
+ private:
+  int64_t saved_;
+};
+
+// Whether the next kernel launch on this thread is a programmatic dependent launch; counts it as made.
+bool next_launch_dependent();
+
+}  // namespace codellama::cuda
