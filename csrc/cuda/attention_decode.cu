@@ -13,6 +13,7 @@
 // added once at the end. Phases (1) and (3) unroll 4 iterations so that many loads are in flight per thread: a
 // short sequence is latency-bound (10 us per layer at 80 keys, 7B, H200, with 2).
 #include <cmath>
+#include <type_traits>
 
 #include "codellama/attention.h"
 #include "cuda_common.cuh"
@@ -23,7 +24,7 @@ namespace {
 constexpr int kThreads = 128;  // 4 warps
 constexpr int kWarps = kThreads / 32;
 constexpr int kTile = 64;      // the score buffer's per-head stride (chunk) is whole tiles
-constexpr int kMaxGroup = 8;   // query heads per block
+constexpr int kMaxGroup = 8;   // query heads per block (decode_heads_per_block)
 
 // E consecutive elements of p (16-byte aligned) as floats, with 16-byte loads.
 template <typename T, int E>
@@ -35,7 +36,10 @@ __device__ __forceinline__ void load_row(const T* p, float (&out)[E]) {
 
 // Workspace: m [NB], l [NB], acc [NB, D] with NB = B * Hq * splits, index (b * Hq + h) * splits + split.
 // chunk * GB <= kDecodeMaxScores (decode_num_splits guarantees it).
-template <typename T, int D>
+// KG: a bound on the block's query heads GB (1, 2, 4 or 8): the P.v accumulators are KG x 16 bytes of V per thread,
+// so a one-head block (7B, 13B) does not hold registers for eight (120 registers per thread for KG = 8 let 4 blocks
+// of 128 threads share an SM: 1024 blocks of a 4096-key decode ran in two waves).
+template <typename T, int D, int KG>
 __global__ void __launch_bounds__(kThreads)
 decode_split_kernel(const T* __restrict__ q, int64_t q_rs, int64_t q_hs, const T* __restrict__ kc,
                     const T* __restrict__ vc, int64_t Bc, int64_t S, int Hkv, int Hq, int GB,
@@ -46,8 +50,12 @@ decode_split_kernel(const T* __restrict__ q, int64_t q_rs, int64_t q_hs, const T
   constexpr int TPR = D / VE;         // threads per V row
   constexpr int RP = kThreads / TPR;  // V rows in flight at once
   static_assert(kThreads % TPR == 0 && TPR <= 32, "head_dim must suit the block's 16-byte lanes");
-  static_assert(kWarps * kMaxGroup * D <= kDecodeMaxScores, "the P.v reduction reuses the score buffer");
-  __shared__ __align__(16) float qs[kMaxGroup][D];
+  constexpr int E4 = E / 4;           // float4s of q per lane and head
+  static_assert(E % 4 == 0 && KG <= kMaxGroup, "whole float4s of q per lane; at most kMaxGroup heads");
+  static_assert(kWarps * KG * D <= kDecodeMaxScores, "the P.v reduction reuses the score buffer");
+  // q [KG][E4][8 parts] float4s: lane `part` of a key's 8 reads q[g][part * E .. part * E + E) as E4 float4s, and
+  // the 8 parts' float4s at one step are 128 contiguous bytes (no bank conflicts; with q [g][d] they were 4-way)
+  __shared__ __align__(16) float4 qs[KG][E4][8];
   __shared__ float ss[kDecodeMaxScores];  // scores, then probabilities: ss[g * chunk + j]; finally P.v partials
 
   const int split = blockIdx.x, b = blockIdx.z;
@@ -78,7 +86,8 @@ decode_split_kernel(const T* __restrict__ q, int64_t q_rs, int64_t q_hs, const T
   }
   for (int i = tid; i < GB * D; i += kThreads) {
     const int g = i / D, d = i - g * D;
-    qs[g][d] = to_f(q[b * q_rs + (h0 + g) * q_hs + d]);
+    const int part = d / E, e = d - part * E;
+    reinterpret_cast<float*>(&qs[g][e / 4][part])[e % 4] = to_f(q[b * q_rs + (h0 + g) * q_hs + d]);
   }
   __syncthreads();
 
@@ -100,11 +109,17 @@ decode_split_kernel(const T* __restrict__ q, int64_t q_rs, int64_t q_hs, const T
       for (int e = 0; e < E; ++e) kr[e] = 0.f;
     }
 #pragma unroll
-    for (int g = 0; g < kMaxGroup; ++g) {
+    for (int g = 0; g < KG; ++g) {
       if (g >= GB) break;
       float dot = 0.f;
 #pragma unroll
-      for (int e = 0; e < E; ++e) dot = fmaf(qs[g][part * E + e], kr[e], dot);
+      for (int c = 0; c < E4; ++c) {
+        const float4 qv = qs[g][c][part];
+        dot = fmaf(qv.x, kr[4 * c], dot);
+        dot = fmaf(qv.y, kr[4 * c + 1], dot);
+        dot = fmaf(qv.z, kr[4 * c + 2], dot);
+        dot = fmaf(qv.w, kr[4 * c + 3], dot);
+      }
       dot += __shfl_xor_sync(0xffffffffu, dot, 4);
       dot += __shfl_xor_sync(0xffffffffu, dot, 2);
       dot += __shfl_xor_sync(0xffffffffu, dot, 1);
@@ -136,9 +151,9 @@ decode_split_kernel(const T* __restrict__ q, int64_t q_rs, int64_t q_hs, const T
 
   // (3) acc[g][e] (dim vc0 + e) = sum over rows vr, vr + RP, ... of p[g][j] v_j[vc0 + e]
   const int vc0 = (tid % TPR) * VE, vr = tid / TPR;
-  float acc[kMaxGroup][VE];
+  float acc[KG][VE];
 #pragma unroll
-  for (int g = 0; g < kMaxGroup; ++g) {
+  for (int g = 0; g < KG; ++g) {
 #pragma unroll
     for (int e = 0; e < VE; ++e) acc[g][e] = 0.f;
   }
@@ -147,7 +162,7 @@ decode_split_kernel(const T* __restrict__ q, int64_t q_rs, int64_t q_hs, const T
     float vv[VE];
     load_row<T, VE>(vb + j * kv_rs + vc0, vv);
 #pragma unroll
-    for (int g = 0; g < kMaxGroup; ++g) {
+    for (int g = 0; g < KG; ++g) {
       if (g < GB) {
         const float p = ss[g * chunk + j];
 #pragma unroll
@@ -159,7 +174,7 @@ decode_split_kernel(const T* __restrict__ q, int64_t q_rs, int64_t q_hs, const T
 #pragma unroll
   for (int o = TPR; o < 32; o <<= 1) {
 #pragma unroll
-    for (int g = 0; g < kMaxGroup; ++g) {
+    for (int g = 0; g < KG; ++g) {
 #pragma unroll
       for (int e = 0; e < VE; ++e) acc[g][e] += __shfl_xor_sync(0xffffffffu, acc[g][e], o);
     }
@@ -168,10 +183,10 @@ decode_split_kernel(const T* __restrict__ q, int64_t q_rs, int64_t q_hs, const T
   float* red = ss;
   if (lane < TPR) {
 #pragma unroll
-    for (int g = 0; g < kMaxGroup; ++g) {  // constant indices keep acc in registers
+    for (int g = 0; g < KG; ++g) {  // constant indices keep acc in registers
       if (g < GB) {
 #pragma unroll
-        for (int e = 0; e < VE; ++e) red[(warp * kMaxGroup + g) * D + vc0 + e] = acc[g][e];
+        for (int e = 0; e < VE; ++e) red[(warp * KG + g) * D + vc0 + e] = acc[g][e];
       }
     }
   }
@@ -180,7 +195,7 @@ decode_split_kernel(const T* __restrict__ q, int64_t q_rs, int64_t q_hs, const T
     const int g = i / D, d = i - g * D;
     float sum = 0.f;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) sum += red[(w * kMaxGroup + g) * D + d];
+    for (int w = 0; w < kWarps; ++w) sum += red[(w * KG + g) * D + d];
     ws_acc[(idx0 + static_cast<int64_t>(g) * splits) * D + d] = sum;
   }
 }
@@ -219,10 +234,22 @@ void launch(void* out, HeadsView q, int64_t batch, int64_t q_heads, const KVCach
     throw std::invalid_argument("attention_decode: batch or head count too large for the CUDA grid");
   }
   const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(q_heads / GB), static_cast<unsigned>(batch));
-  launch_kernel(decode_split_kernel<T, D>, grid, kThreads, 0, stream, static_cast<const T*>(q.data), q.row_stride,
-                q.head_stride, static_cast<const T*>(c.k), static_cast<const T*>(c.v), c.batch, c.capacity,
-                static_cast<int>(c.kv_heads), static_cast<int>(q_heads), GB, slots, seq_lens, scale, ws,
-                static_cast<int>(splits), static_cast<int>(chunk));
+  const auto split = [&](auto kg) {
+    launch_kernel(decode_split_kernel<T, D, decltype(kg)::value>, grid, kThreads, 0, stream,
+                  static_cast<const T*>(q.data), q.row_stride, q.head_stride, static_cast<const T*>(c.k),
+                  static_cast<const T*>(c.v), c.batch, c.capacity, static_cast<int>(c.kv_heads),
+                  static_cast<int>(q_heads), GB, slots, seq_lens, scale, ws, static_cast<int>(splits),
+                  static_cast<int>(chunk));
+  };
+  if (GB == 1) {
+    split(std::integral_constant<int, 1>{});
+  } else if (GB == 2) {
+    split(std::integral_constant<int, 2>{});
+  } else if (GB <= 4) {
+    split(std::integral_constant<int, 4>{});
+  } else {
+    split(std::integral_constant<int, kMaxGroup>{});
+  }
   check_launch("attention_decode (split)");
   launch_kernel(decode_combine_kernel<T, D>, dim3(static_cast<unsigned>(q_heads), static_cast<unsigned>(batch)), D, 0,
                 stream, static_cast<T*>(out), ws, static_cast<int>(q_heads), static_cast<int>(splits));
