@@ -95,24 +95,32 @@ __device__ __forceinline__ void grid_dependency_sync() {
 #endif
 }
 
-// kernel<<<grid, block, smem, stream>>>(args...), made a programmatic dependent launch where next_launch_dependent()
-// says so. A failure is left for check_launch.
+// kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent launch when `dependent` (the value
+// of next_launch_dependent() for this launch, asked by the caller when the kernel's arguments depend on it). A
+// failure is left for check_launch.
 template <typename... Params, typename... Args>
-void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+void launch_kernel(bool dependent, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
                    Args&&... args) {
-  cudaLaunchAttribute dependent{};
-  dependent.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  dependent.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
   cudaLaunchConfig_t config{};
   config.gridDim = grid;
   config.blockDim = block;
   config.dynamicSmemBytes = smem;
   config.stream = stream;
-  if (next_launch_dependent()) {
-    config.attrs = &dependent;
+  if (dependent) {
+    config.attrs = &attr;
     config.numAttrs = 1;
   }
   (void)cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+}
+
+// The same, dependent where next_launch_dependent() says so.
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                   Args&&... args) {
+  launch_kernel(next_launch_dependent(), kernel, grid, block, smem, stream, std::forward<Args>(args)...);
 }
 
 inline void check_launch(const char* op) {

@@ -45,6 +45,15 @@ DependentLaunchScope::DependentLaunchScope() : saved_(t_launches) { t_launches =
 
 DependentLaunchScope::~DependentLaunchScope() { t_launches = saved_; }
 
+int64_t l2_prefetch_bytes() {
+  static const int64_t bytes = [] {
+    const char* v = std::getenv("CODELLAMA_L2_PREFETCH_MB");
+    const long mb = v == nullptr ? 16 : std::strtol(v, nullptr, 10);
+    return static_cast<int64_t>(mb > 0 ? mb : 0) << 20;
+  }();
+  return bytes;
+}
+
 bool next_launch_dependent() {
   if (t_launches < 0) return false;
   return t_launches++ > 0 && current_device_supports();

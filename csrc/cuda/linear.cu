@@ -83,6 +83,23 @@ __device__ __forceinline__ uint4 ld_stream(const void* p) {
   return r;
 }
 
+// Asks L2 to fetch bytes [p, p + bytes) (p 16-byte aligned, bytes a multiple of 16) in pieces of up to 16 KiB:
+// cp.async.bulk.prefetch (sm_90); elsewhere nothing.
+__device__ __forceinline__ void prefetch_l2(const void* p, int64_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  constexpr int64_t kPiece = 16384;
+  for (int64_t o = 0; o < bytes; o += kPiece) {
+    const uint32_t n = static_cast<uint32_t>(bytes - o < kPiece ? bytes - o : kPiece);
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(static_cast<const char*>(p) + o), "r"(n)
+                 : "memory");
+  }
+#endif
+}
+
+// Bytes of each weight row a lane's first batch of loads covers (dot_fp32, gemv_int8_x16_kernel): the L2 prefetch
+// starts after them.
+constexpr int64_t kFirstBatchBytes = int64_t{kLoads} * 32 * 16;
+
 // The outputs of the warp with global index `warp`. Plain: y [M, N] rows n0 = 2 warp and n0 + 1, from the W rows of
 // the same index. Gated (F > 0, linear_silu_and_mul): y [M, F] row n0 = warp alone, from W rows n0 (gate) and n0 + F
 // (up), so the warp's two accumulators meet in its own registers.
@@ -116,13 +133,25 @@ struct WarpRows {
 #pragma unroll
     for (int m = 0; m < MB; ++m) x[m] = x0 + (m < M ? m : M - 1) * x_stride;
   }
+
+  // The rows past their first batch into L2, by lane 0 (before grid_dependency_sync, in the first `prefetch_blocks`
+  // blocks of a dependent launch: l2_prefetch_bytes, codellama/launch.h).
+  __device__ __forceinline__ void prefetch_l2_rows(int64_t K, int lane) const {
+    const int64_t bytes = K * static_cast<int64_t>(sizeof(W)) - kFirstBatchBytes;
+    if (lane != 0 || bytes <= 0) return;
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      prefetch_l2(reinterpret_cast<const char*>(w[r]) + kFirstBatchBytes, bytes);
+    }
+  }
 };
 
 // acc[r][m] += the dot of weight row r with activation row m over this lane's 16-byte pieces (columns lane * E +
 // i * 32 E), activations converted to fp32. A lane issues kLoads pieces of each row before using any.
-template <typename T, typename W, bool kScaled, int MB>
+// before_sync() runs after the first batch of weight loads is issued, before grid_dependency_sync.
+template <typename T, typename W, bool kScaled, int MB, typename BeforeSync>
 __device__ __forceinline__ void dot_fp32(float (&acc)[kRowsPerWarp][MB], const WarpRows<T, W, MB>& rows, int64_t K,
-                                         int64_t gs, int64_t G, int lane) {
+                                         int64_t gs, int64_t G, int lane, const BeforeSync& before_sync) {
   constexpr int E = 16 / sizeof(W);        // weights per 16-byte load
   constexpr int64_t kStep = 32 * E;        // row elements per warp-wide load
   constexpr int R = kRowsPerWarp;
@@ -166,7 +195,10 @@ __device__ __forceinline__ void dot_fp32(float (&acc)[kRowsPerWarp][MB], const W
 #pragma unroll
       for (int r = 0; r < R; ++r) wv[u][r] = ld_stream<kFirst>(rows.w[r] + k + u * kStep);
     }
-    if (kFirst) grid_dependency_sync();
+    if constexpr (kFirst) {
+      before_sync();
+      grid_dependency_sync();
+    }
 #pragma unroll
     for (int u = 0; u < kLoads; ++u) fma_step(wv[u], k + u * kStep);
   };
@@ -177,6 +209,7 @@ __device__ __forceinline__ void dot_fp32(float (&acc)[kRowsPerWarp][MB], const W
     batch(k, std::true_type{});
     k += kLoads * kStep;
   } else {
+    before_sync();
     grid_dependency_sync();
   }
   for (; k + (kLoads - 1) * kStep < K; k += kLoads * kStep) batch(k, std::false_type{});
@@ -225,13 +258,16 @@ __device__ __forceinline__ int64_t global_warp() {
 template <typename T, typename W, bool kScaled, int MB>
 __global__ void __launch_bounds__(kWarps * 32)
 gemv_kernel(T* __restrict__ y, const T* __restrict__ x, int64_t x_stride, const W* __restrict__ w,
-            const float* __restrict__ scales, int M, int64_t N, int64_t K, int64_t gs, int64_t G, int64_t F) {
+            const float* __restrict__ scales, int M, int64_t N, int64_t K, int64_t gs, int64_t G, int64_t F,
+            unsigned prefetch_blocks) {
   const int lane = threadIdx.x & 31;
   const WarpOutput o(global_warp(), N, F);
   if (o.n0 >= o.outputs) return;  // uniform over the warp: the shuffles below see all 32 lanes
   const WarpRows<T, W, MB> rows(x, x_stride, w, scales, M, N, K, G, o, kScaled);
   float acc[kRowsPerWarp][MB] = {};
-  dot_fp32<T, W, kScaled>(acc, rows, K, gs, G, lane);
+  dot_fp32<T, W, kScaled>(acc, rows, K, gs, G, lane, [&] {
+    if (blockIdx.x < prefetch_blocks) rows.prefetch_l2_rows(K, lane);
+  });
   store_rows<T>(y, acc, M, N, F, o, lane);
 }
 
@@ -343,7 +379,8 @@ __device__ __forceinline__ bool quantize_x_int16(int16_t* xq, float* xs, const T
 template <typename T, int MB>
 __global__ void __launch_bounds__(kX16Warps * 32)
 gemv_int8_x16_kernel(T* __restrict__ y, const T* __restrict__ x, int64_t x_stride, const int8_t* __restrict__ w,
-                     const float* __restrict__ scales, int M, int64_t N, int64_t K, int64_t gs, int64_t G, int64_t F) {
+                     const float* __restrict__ scales, int M, int64_t N, int64_t K, int64_t gs, int64_t G, int64_t F,
+                     unsigned prefetch_blocks) {
   constexpr int R = kRowsPerWarp;
   constexpr int64_t kStep = 32 * 16;  // row elements per warp-wide 16-byte load
   extern __shared__ __align__(16) unsigned char smem[];
@@ -365,12 +402,13 @@ gemv_int8_x16_kernel(T* __restrict__ y, const T* __restrict__ x, int64_t x_strid
     }
   };
   load_pieces(std::true_type{});
+  if (blockIdx.x < prefetch_blocks) rows.prefetch_l2_rows(K, lane);
   grid_dependency_sync();  // x is the previous kernel's output
   const bool tiny = quantize_x_int16(xq, xs, x, x_stride, M, K);
   if (o.n0 >= o.outputs) return;  // after the block's barrier; uniform over the warp
   float acc[R][MB] = {};
   if (tiny) {
-    dot_fp32<T, int8_t, true>(acc, rows, K, gs, G, lane);
+    dot_fp32<T, int8_t, true>(acc, rows, K, gs, G, lane, [] {});  // after the sync above: no prefetch
     store_rows<T>(y, acc, M, N, F, o, lane);
     return;
   }
@@ -509,6 +547,13 @@ void launch_gemv(T* y, const T* x, int64_t x_stride, const W* w, const float* sc
                   gs, G, F);
     return;
   }
+  // A dependent launch's first blocks prefetch their rows into L2 before waiting (l2_prefetch_bytes): rows per block x
+  // K weights each.
+  const bool dependent = next_launch_dependent();
+  const auto prefetch_blocks = [&](int64_t rows_per_block) {
+    const int64_t n = dependent ? l2_prefetch_bytes() / (rows_per_block * K * static_cast<int64_t>(sizeof(W))) : 0;
+    return static_cast<unsigned>(n < 0x7fffffff ? n : 0x7fffffff);
+  };
   // plain: kRowsPerBlock output columns per block; gated: one per warp
   const dim3 grid(static_cast<unsigned>(F > 0 ? (F + kWarps - 1) / kWarps : (N + kRowsPerBlock - 1) / kRowsPerBlock));
   if constexpr (kScaled && sizeof(T) == 2) {
@@ -517,15 +562,16 @@ void launch_gemv(T* y, const T* x, int64_t x_stride, const W* w, const float* sc
       const dim3 grid16(static_cast<unsigned>(F > 0 ? (F + kX16Warps - 1) / kX16Warps
                                                   : (N + kX16Warps * kRowsPerWarp - 1) / (kX16Warps * kRowsPerWarp)));
       with_row_bucket(m, [&](auto mb) {
-        launch_kernel(gemv_int8_x16_kernel<T, decltype(mb)::value>, grid16, kX16Warps * 32, static_cast<size_t>(smem),
-                      stream, y, x, x_stride, w, scales, m, N, K, gs, G, F);
+        launch_kernel(dependent, gemv_int8_x16_kernel<T, decltype(mb)::value>, grid16, kX16Warps * 32,
+                      static_cast<size_t>(smem), stream, y, x, x_stride, w, scales, m, N, K, gs, G, F,
+                      prefetch_blocks(kX16Warps * kRowsPerWarp));
       });
       return;
     }
   }
   with_row_bucket(m, [&](auto mb) {
-    launch_kernel(gemv_kernel<T, W, kScaled, decltype(mb)::value>, grid, kWarps * 32, 0, stream, y, x, x_stride, w,
-                  scales, m, N, K, gs, G, F);
+    launch_kernel(dependent, gemv_kernel<T, W, kScaled, decltype(mb)::value>, grid, kWarps * 32, 0, stream, y, x,
+                  x_stride, w, scales, m, N, K, gs, G, F, prefetch_blocks(kRowsPerBlock));
   });
 }
 

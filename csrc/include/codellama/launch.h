@@ -1,10 +1,10 @@
 // Programmatic dependent launch (PDL; used on compute capability 9.x, see launch.cu). A kernel launched so may
-// start while the kernel before it in the stream is still running: its blocks run up to griddepcontrol.wait, which waits for that
-// kernel to finish and its writes to be visible. Every kernel of csrc/cuda starts with that wait, after which it
-// lets the next kernel launch (grid_dependency_sync, cuda_common.cuh); the GEMVs issue their first weight loads
-// before it. In a decode step the small kernels between two GEMVs (norms, RoPE, the cache append, attention) then
-// run while the next GEMV's weights are already on their way, and each kernel's launch and ramp-up overlap the
-// previous one's tail.
+// start while the kernel before it in the stream is still running: its blocks run up to griddepcontrol.wait, which
+// waits for that kernel to finish and its writes to be visible. Every kernel of csrc/cuda starts with that wait,
+// after which it lets the next kernel launch (grid_dependency_sync, cuda_common.cuh); the GEMVs issue their first
+// weight loads, and their first blocks an L2 prefetch of their rows, before it. In a decode step the small kernels
+// between two GEMVs (norms, RoPE, the cache append, attention) then run while the next GEMV's weights are already on
+// their way, and each kernel's launch and ramp-up overlap the previous one's tail.
 //
 // Reading weights before the wait is only safe where no kernel that may still be running writes them. So a launch
 // is dependent only inside a DependentLaunchScope, which its opener opens over kernels that never write weights
@@ -32,5 +32,10 @@ class DependentLaunchScope {
 
 // Whether the next kernel launch on this thread is a programmatic dependent launch; counts it as made.
 bool next_launch_dependent();
+
+// Bytes of weights a GEMV launched as a dependent asks L2 to fetch before its wait: the rows of its first blocks
+// past their first loads, so the weight stream goes on while the kernels before it end. CODELLAMA_L2_PREFETCH_MB
+// (read once; default 16, a third of an H100's 50 MB L2; 0: none) exists to tune it on a GPU.
+int64_t l2_prefetch_bytes();
 
 }  // namespace codellama::cuda
