@@ -120,7 +120,7 @@ void launch_kernel(bool dependent, void (*kernel)(Params...), dim3 grid, dim3 bl
 template <typename... Params, typename... Args>
 void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
                    Args&&... args) {
-  launch_kernel(next_launch_dependent(), kernel, grid, block, smem, stream, std::forward<Args>(args)...);
+  launch_kernel(next_launch_dependent(stream), kernel, grid, block, smem, stream, std::forward<Args>(args)...);
 }
 
 inline void check_launch(const char* op) {

@@ -549,7 +549,7 @@ void launch_gemv(T* y, const T* x, int64_t x_stride, const W* w, const float* sc
   }
   // A dependent launch's first blocks prefetch their rows into L2 before waiting (l2_prefetch_bytes): rows per block x
   // K weights each.
-  const bool dependent = next_launch_dependent();
+  const bool dependent = next_launch_dependent(stream);
   const auto prefetch_blocks = [&](int64_t rows_per_block) {
     const int64_t n = dependent ? l2_prefetch_bytes() / (rows_per_block * K * static_cast<int64_t>(sizeof(W))) : 0;
     return static_cast<unsigned>(n < 0x7fffffff ? n : 0x7fffffff);
@@ -679,9 +679,9 @@ void quantize_int8(DType dt, int8_t* q, float* scales, const void* w, int64_t N,
   const int64_t gs = group_size == 0 ? K : group_size, G = K / gs, tasks = N * G;
   if (tasks == 0) return;
   const dim3 grid(static_cast<unsigned>((tasks + kQuantWarps - 1) / kQuantWarps)), block(kQuantWarps * 32);
-  CODELLAMA_DISPATCH_CUDA_TYPES(dt, "quantize_int8", {
-    launch_kernel(quantize_kernel<scalar_t>, grid, block, 0, stream, q, scales, static_cast<const scalar_t*>(w), tasks,
-                  K, gs, G);
+  CODELLAMA_DISPATCH_CUDA_TYPES(dt, "quantize_int8", {  // writes weights: never a dependent launch (launch.h)
+    launch_kernel(false, quantize_kernel<scalar_t>, grid, block, 0, stream, q, scales, static_cast<const scalar_t*>(w),
+                  tasks, K, gs, G);
   });
   check_launch("quantize_int8");
 }
@@ -690,13 +690,14 @@ void dequantize_int8(DType dt, void* w, const int8_t* q, const float* scales, in
                      cudaStream_t stream) {
   const int64_t total = N * K, gs = K / G;
   if (total == 0) return;
+  // writes a weight matrix (for cuBLAS): never a dependent launch (codellama/launch.h)
   if (aligned16(w) && aligned16(q) && K % 16 == 0 && gs % 16 == 0) {
     const int threads = 128;
     const dim3 grid(static_cast<unsigned>((K / 16 + threads - 1) / threads),
                     static_cast<unsigned>(std::min<int64_t>(N, 65535)));
     CODELLAMA_DISPATCH_CUDA_TYPES(dt, "dequantize_int8", {
-      launch_kernel(dequantize_vec_kernel<scalar_t>, grid, threads, 0, stream, static_cast<scalar_t*>(w), q, scales, N,
-                    K, gs, G);
+      launch_kernel(false, dequantize_vec_kernel<scalar_t>, grid, threads, 0, stream, static_cast<scalar_t*>(w), q,
+                    scales, N, K, gs, G);
     });
     check_launch("dequantize_int8");
     return;
@@ -704,7 +705,7 @@ void dequantize_int8(DType dt, void* w, const int8_t* q, const float* scales, in
   const int threads = 256;
   const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, int64_t{1} << 16);
   CODELLAMA_DISPATCH_CUDA_TYPES(dt, "dequantize_int8", {
-    launch_kernel(dequantize_kernel<scalar_t>, static_cast<unsigned>(blocks), threads, 0, stream,
+    launch_kernel(false, dequantize_kernel<scalar_t>, static_cast<unsigned>(blocks), threads, 0, stream,
                   static_cast<scalar_t*>(w), q, scales, total, K, gs, G);
   });
   check_launch("dequantize_int8");

@@ -15,10 +15,13 @@
 
 #include <cstdint>
 
+#include "codellama/stream.h"
+
 namespace codellama::cuda {
 
-// Launches on this thread while the scope is alive, after its first, are programmatic dependent launches (on
-// compute capability 9.x). Scopes nest; an inner one starts afresh (its first launch is not dependent).
+// Launches on this thread while the scope is alive are programmatic dependent launches (on compute capability 9.x),
+// except its first and any on another stream or device than the scope's launch before it. Scopes nest; an inner one
+// starts afresh (its first launch is not dependent).
 class DependentLaunchScope {
  public:
   DependentLaunchScope();
@@ -30,8 +33,9 @@ class DependentLaunchScope {
   int64_t saved_;
 };
 
-// Whether the next kernel launch on this thread is a programmatic dependent launch; counts it as made.
-bool next_launch_dependent();
+// Whether the next kernel launch on this thread, on `stream` of the current device, is a programmatic dependent
+// launch; counts it as made. Kernels that write weights never ask (launch_kernel(false, ...)).
+bool next_launch_dependent(cudaStream_t stream);
 
 // Bytes of weights a GEMV launched as a dependent asks L2 to fetch before its wait: the rows of its first blocks
 // past their first loads, so the weight stream goes on while the kernels before it end. CODELLAMA_L2_PREFETCH_MB
