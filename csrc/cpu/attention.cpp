@@ -1,8 +1,8 @@
 // out = round(sum_j round(exp(s_j - m)) v_j / sum_j exp(s_j - m)), s_j = q.k_j * scale in fp32, online over key
 // chunks (GroupAttention: one kv head with all its Hq/Hkv query heads, for a block of query rows; each K/V row is
-// loaded and converted to fp32 once for all those queries). Prefill: one task = 16-64 query tokens of a sequence
-// x one kv head. Decode: one task = a block of kv heads of one sequence, fed key chunks in step. Scores and P.v
-// are small register-blocked matrix products; exp is 8-wide.
+// loaded and converted to fp32 once for all those queries; a lone query reads them in place). Prefill: one task =
+// 16-64 query tokens of a sequence x one kv head. Decode: one task = a block of kv heads of one sequence, fed key
+// chunks in step. Scores and P.v are small register-blocked matrix products; exp is 8-wide.
 #include "codellama/attention.h"
 
 #include <cmath>
@@ -47,15 +47,26 @@ void load_chunk(const T* src, int64_t stride, int64_t j0, int64_t n, int64_t max
   }
 }
 
-// s[r][j] = (q_r . k_j) * scale for R queries (rows of q, stride D) and keys j < n (rows of kf, stride D):
+// Prefetches rows j .. j + count - 1 (those below avail) of a cache head, D elements each.
+template <typename T>
+inline void prefetch_rows(const T* base, int64_t stride, int64_t j, int64_t count, int64_t avail, int64_t D) {
+  for (int64_t t = j; t < std::min(j + count, avail); ++t) {
+    const char* r = reinterpret_cast<const char*>(base + t * stride);
+    for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(T)); b += 64) prefetch(r + b);
+  }
+}
+// s[r][j] = (q_r . k_j) * scale for R queries (rows of q, stride D) and keys j < n (rows of kf, stride k_stride:
+// fp32 scratch with avail = 0, or the cache itself, whose rows below `avail` are prefetched kPrefetchRows ahead):
 // R queries x 4 keys per step, each K vector loaded once for the R queries, sums reduced 4 keys at
 // a time. The last step pads with copies of key n-1 (scores never read): every key goes through the same
 // reduction, so a query's scores do not depend on the chunk's length.
-template <int R>
-void scores(const float* q, const float* kf, int64_t n, int64_t D, float scale, float* s) {
+template <int R, typename K>
+void scores(const float* q, const K* kf, int64_t k_stride, int64_t n, int64_t avail, int64_t D, float scale,
+            float* s) {
   for (int64_t j = 0; j < n; j += 4) {
-    const float* kr[4];
-    for (int t = 0; t < 4; ++t) kr[t] = kf + std::min(j + t, n - 1) * D;
+    const K* kr[4];
+    for (int t = 0; t < 4; ++t) kr[t] = kf + std::min(j + t, n - 1) * k_stride;
+    prefetch_rows(kf, k_stride, j + kPrefetchRows, 4, avail, D);
     vec8 a[R][4];
     for (auto& row : a) for (auto& v : row) v = zero8();
     for (int64_t c = 0; c < D; c += 8) {
@@ -70,16 +81,19 @@ void scores(const float* q, const float* kf, int64_t n, int64_t D, float scale, 
   }
 }
 
-// acc[r][c .. c + 8C) += sum_{j < n} p[r][j] * v_j[c .. c + 8C) for R queries (v_j: rows of vf, stride D): the
-// R x C accumulators stay in registers over the whole chunk, each V vector is loaded once for the R queries.
-template <int R, int C>
-void weighted_columns(const float* p, const float* vf, int64_t n, int64_t D, float* acc, int64_t c) {
+// acc[r][c .. c + 8C) += sum_{j < n} p[r][j] * v_j[c .. c + 8C) for R queries (v_j: rows of vf, stride v_stride;
+// scratch or cache as in scores): the R x C accumulators stay in registers over the whole chunk, each V vector is
+// loaded once for the R queries.
+template <int R, int C, typename V>
+void weighted_columns(const float* p, const V* vf, int64_t v_stride, int64_t n, int64_t avail, int64_t D, float* acc,
+                      int64_t c) {
   vec8 o[R][C];
   for (int r = 0; r < R; ++r)
     for (int u = 0; u < C; ++u) o[r][u] = load8(acc + r * D + c + 8 * u);
   for (int64_t j = 0; j < n; ++j) {
+    if (c == 0) prefetch_rows(vf, v_stride, j + kPrefetchRows, 1, avail, D);
     vec8 v[C];
-    for (int u = 0; u < C; ++u) v[u] = load8(vf + j * D + c + 8 * u);
+    for (int u = 0; u < C; ++u) v[u] = load8(vf + j * v_stride + c + 8 * u);
     for (int r = 0; r < R; ++r) {
       const vec8 pr = set1(p[r * kKeyChunk + j]);
       for (int u = 0; u < C; ++u) o[r][u] = fmadd(pr, v[u], o[r][u]);
@@ -90,11 +104,11 @@ void weighted_columns(const float* p, const float* vf, int64_t n, int64_t D, flo
 }
 
 // acc[r] += sum_{j < n} p[r][j] * v_j for R queries, 16 columns at a time (then 8 when D = 16k + 8).
-template <int R>
-void weighted_values(const float* p, const float* vf, int64_t n, int64_t D, float* acc) {
+template <int R, typename V>
+void weighted_values(const float* p, const V* vf, int64_t v_stride, int64_t n, int64_t avail, int64_t D, float* acc) {
   int64_t c = 0;
-  for (; c + 16 <= D; c += 16) weighted_columns<R, 2>(p, vf, n, D, acc, c);
-  if (c < D) weighted_columns<R, 1>(p, vf, n, D, acc, c);
+  for (; c + 16 <= D; c += 16) weighted_columns<R, 2>(p, vf, v_stride, n, avail, D, acc, c);
+  if (c < D) weighted_columns<R, 1>(p, vf, v_stride, n, avail, D, acc, c);
 }
 
 // Online-softmax update of one query over its first ni keys of the chunk (s: its scores, n entries): new
@@ -131,8 +145,10 @@ void softmax_update(float* s, int64_t ni, int64_t n, float& m, float& l, float* 
 
 // Flash-style attention of M query rows x G heads of one kv group, fed one key chunk at a time: query (r, g) at
 // q + r * q_rs + g * q_hs sees keys 0 .. nkeys[r]-1 (nkeys[r] >= 1). D a multiple of 8. Per chunk: K and V
-// rows to fp32 scratch (reading them straight from the cache measured 1.27x the time, even for one query per
-// task), scores of all queries (2 at a time), softmax, P.v (4 queries at a time).
+// rows to fp32 scratch, scores of all queries (2 at a time), softmax, P.v (4 queries at a time). A single query
+// (decode with one query head per kv head: 7B, 13B) reads K and V straight from the cache instead, converting
+// each element in registers: the same sums in the same order, 1.5-1.6x faster at 4096-16384 keys (7B shapes,
+// benchmarks/RESULTS.md, session 14), where the scratch's stores and reloads cost more than they saved.
 template <typename T>
 class GroupAttention {
  public:
@@ -154,16 +170,27 @@ class GroupAttention {
     cs.resize(nq_, D);
     float* const s = cs.s.data();
     float* const acc = acc_.data();
+    if (nq_ == 1) {  // straight from the cache, prefetched kPrefetchRows ahead
+      const T* kr = k + j0 * kv_stride;
+      const T* vr = v + j0 * kv_stride;
+      const int64_t avail = max_keys_ - j0;
+      scores<1>(q_.data(), kr, kv_stride, n, avail, D, scale, s);
+      softmax_update<T>(s, std::min(n, keys_[0] - j0), n, m_[0], l_[0], acc, D);
+      weighted_values<1>(s, vr, kv_stride, n, avail, D, acc);
+      return;
+    }
     load_chunk(k, kv_stride, j0, n, max_keys_, D, cs.kf.data());
     load_chunk(v, kv_stride, j0, n, max_keys_, D, cs.vf.data());
+    const float* kf = cs.kf.data();
+    const float* vf = cs.vf.data();
     int64_t i = 0;
-    for (; i + 2 <= nq_; i += 2) scores<2>(q_.data() + i * D, cs.kf.data(), n, D, scale, s + i * kKeyChunk);
-    if (i < nq_) scores<1>(q_.data() + i * D, cs.kf.data(), n, D, scale, s + i * kKeyChunk);
+    for (; i + 2 <= nq_; i += 2) scores<2>(q_.data() + i * D, kf, D, n, 0, D, scale, s + i * kKeyChunk);
+    if (i < nq_) scores<1>(q_.data() + i * D, kf, D, n, 0, D, scale, s + i * kKeyChunk);
     for (i = 0; i < nq_; ++i) {
       softmax_update<T>(s + i * kKeyChunk, std::min(n, keys_[i] - j0), n, m_[i], l_[i], acc + i * D, D);
     }
-    for (i = 0; i + 4 <= nq_; i += 4) weighted_values<4>(s + i * kKeyChunk, cs.vf.data(), n, D, acc + i * D);
-    for (; i < nq_; ++i) weighted_values<1>(s + i * kKeyChunk, cs.vf.data(), n, D, acc + i * D);
+    for (i = 0; i + 4 <= nq_; i += 4) weighted_values<4>(s + i * kKeyChunk, vf, D, n, 0, D, acc + i * D);
+    for (; i < nq_; ++i) weighted_values<1>(s + i * kKeyChunk, vf, D, n, 0, D, acc + i * D);
   }
   // Writes query (r, g) to out + r * o_rs + g * o_hs.
   void end(T* out, int64_t o_rs, int64_t o_hs) const {
