@@ -30,7 +30,8 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-  "$PY" -c "import torch, sys; print(sys.version.split()[0], torch.__version__, torch.version.cuda)"
+  "$PY" -c "import torch, sys; print(sys.version.split()[0], torch.__version__, torch.version.cuda,
+    'capability', torch.cuda.get_device_capability() if torch.cuda.is_available() else None)"  # 9.x: PDL on
   nvcc --version | tail -1; echo "CC=${CC:-} CXX=${CXX:-}"; "${CXX:-g++}" --version | head -1
   ls -l /opt/gcc/bin/ /usr/bin/g++* /usr/bin/x86_64-linux-gnu-g++* 2>&1 | head; head -c 400 /opt/gcc/bin/g++ | strings | head; } 2>&1 | tee "$OUT/env.txt"
 
