@@ -13,7 +13,6 @@
 // added once at the end. Phases (1) and (3) unroll 4 iterations so that many loads are in flight per thread: a
 // short sequence is latency-bound (10 us per layer at 80 keys, 7B, H200, with 2).
 #include <cmath>
-#include <type_traits>
 
 #include "codellama/attention.h"
 #include "cuda_common.cuh"
@@ -234,22 +233,14 @@ void launch(void* out, HeadsView q, int64_t batch, int64_t q_heads, const KVCach
     throw std::invalid_argument("attention_decode: batch or head count too large for the CUDA grid");
   }
   const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(q_heads / GB), static_cast<unsigned>(batch));
-  const auto split = [&](auto kg) {
+  static_assert(kMaxGroup == 8, "the head bounds are with_pow2_bucket's 1, 2, 4, 8");
+  with_pow2_bucket(GB, [&](auto kg) {
     launch_kernel(decode_split_kernel<T, D, decltype(kg)::value>, grid, kThreads, 0, stream,
                   static_cast<const T*>(q.data), q.row_stride, q.head_stride, static_cast<const T*>(c.k),
                   static_cast<const T*>(c.v), c.batch, c.capacity, static_cast<int>(c.kv_heads),
                   static_cast<int>(q_heads), GB, slots, seq_lens, scale, ws, static_cast<int>(splits),
                   static_cast<int>(chunk));
-  };
-  if (GB == 1) {
-    split(std::integral_constant<int, 1>{});
-  } else if (GB == 2) {
-    split(std::integral_constant<int, 2>{});
-  } else if (GB <= 4) {
-    split(std::integral_constant<int, 4>{});
-  } else {
-    split(std::integral_constant<int, kMaxGroup>{});
-  }
+  });
   check_launch("attention_decode (split)");
   launch_kernel(decode_combine_kernel<T, D>, dim3(static_cast<unsigned>(q_heads), static_cast<unsigned>(batch)), D, 0,
                 stream, static_cast<T*>(out), ws, static_cast<int>(q_heads), static_cast<int>(splits));

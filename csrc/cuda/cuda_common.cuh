@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 #include "codellama/common.h"
@@ -82,6 +83,21 @@ __device__ __forceinline__ float block_sum(float v) {
   const int warps = blockDim.x >> 5;
   v = lane < warps ? partial[lane] : 0.f;
   return warp_sum(v);
+}
+
+// f(std::integral_constant<int, B>{}) for the smallest B of 1, 2, 4, 8 with n <= B (n >= 1; above 4: 8): the
+// template bucket of a count a kernel keeps per-item registers for (GEMV activation rows, decode heads per block).
+template <typename F>
+void with_pow2_bucket(int n, const F& f) {
+  if (n == 1) {
+    f(std::integral_constant<int, 1>{});
+  } else if (n == 2) {
+    f(std::integral_constant<int, 2>{});
+  } else if (n <= 4) {
+    f(std::integral_constant<int, 4>{});
+  } else {
+    f(std::integral_constant<int, 8>{});
+  }
 }
 
 // Programmatic dependent launch (codellama/launch.h): waits until the kernel this one may have started beside has

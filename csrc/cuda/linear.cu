@@ -514,21 +514,6 @@ gemv_scalar_kernel(T* __restrict__ y, const T* __restrict__ x, int64_t x_stride,
   }
 }
 
-
-// f(std::integral_constant<int, MB>{}) for the activation-row bucket MB of m rows (1, 2, 4 or 8).
-template <typename F>
-void with_row_bucket(int m, const F& f) {
-  if (m == 1) {
-    f(std::integral_constant<int, 1>{});
-  } else if (m == 2) {
-    f(std::integral_constant<int, 2>{});
-  } else if (m <= 4) {
-    f(std::integral_constant<int, 4>{});
-  } else {
-    f(std::integral_constant<int, 8>{});
-  }
-}
-
 // F > 0: gated (linear_silu_and_mul, N = 2F rows of W, y [M, F]); else y [M, N].
 template <typename T, typename W, bool kScaled>
 void launch_gemv(T* y, const T* x, int64_t x_stride, const W* w, const float* scales, int64_t M, int64_t N,
@@ -561,7 +546,7 @@ void launch_gemv(T* y, const T* x, int64_t x_stride, const W* w, const float* sc
     if (K % kXBlock == 0 && (G == 1 || gs % kXBlock == 0) && smem <= kX16MaxSmem) {
       const dim3 grid16(static_cast<unsigned>(F > 0 ? (F + kX16Warps - 1) / kX16Warps
                                                   : (N + kX16Warps * kRowsPerWarp - 1) / (kX16Warps * kRowsPerWarp)));
-      with_row_bucket(m, [&](auto mb) {
+      with_pow2_bucket(m, [&](auto mb) {
         launch_kernel(dependent, gemv_int8_x16_kernel<T, decltype(mb)::value>, grid16, kX16Warps * 32,
                       static_cast<size_t>(smem), stream, y, x, x_stride, w, scales, m, N, K, gs, G, F,
                       prefetch_blocks(kX16Warps * kRowsPerWarp));
@@ -569,7 +554,7 @@ void launch_gemv(T* y, const T* x, int64_t x_stride, const W* w, const float* sc
       return;
     }
   }
-  with_row_bucket(m, [&](auto mb) {
+  with_pow2_bucket(m, [&](auto mb) {
     launch_kernel(dependent, gemv_kernel<T, W, kScaled, decltype(mb)::value>, grid, kWarps * 32, 0, stream, y, x,
                   x_stride, w, scales, m, N, K, gs, G, F, prefetch_blocks(kRowsPerBlock));
   });
