@@ -8,7 +8,7 @@ import torch
 from codellama_ext import ops, reference
 from conftest import DTYPES, assert_close_to_baseline, poison
 
-HEADS = [(4, 4), (8, 2), (8, 1)]  # (Hq, Hkv): MHA, GQA, MQA
+HEADS = [(4, 4), (8, 2), (8, 1), (32, 2)]  # (Hq, Hkv): MHA, GQA, MQA; 16 per kv head: two CPU lane blocks
 
 
 def i32(values, device):

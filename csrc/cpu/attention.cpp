@@ -1,8 +1,9 @@
 // out = round(sum_j round(exp(s_j - m)) v_j / sum_j exp(s_j - m)), s_j = q.k_j * scale in fp32, online over key
 // chunks (GroupAttention: one kv head with all its Hq/Hkv query heads, for a block of query rows; each K/V row is
-// loaded and converted to fp32 once for all those queries; a lone query reads them in place). Prefill: one task =
-// 16-64 query tokens of a sequence x one kv head. Decode: one task = a block of kv heads of one sequence, fed key
-// chunks in step. Scores and P.v are small register-blocked matrix products; exp is 8-wide.
+// loaded and converted to fp32 once for all those queries; a lone query reads them in place. LaneGroupAttention:
+// the same for groups of 8k heads, vectorised across the heads). Prefill: one task = 16-64 query tokens of a
+// sequence x one kv head. Decode: one task = a block of kv heads of one sequence, fed key chunks in step. Scores
+// and P.v are small register-blocked matrix products; exp is 8-wide.
 #include "codellama/attention.h"
 
 #include <cmath>
@@ -208,6 +209,134 @@ class GroupAttention {
   std::vector<int64_t> keys_;
 };
 
+// The same attention for a kv group of G = 8k query heads (every GQA CodeLlama: 34B, 70B have 8 per kv head),
+// vectorised across the group instead of along D: a lane block is the 8 heads g0 .. g0+7 of one query row, and
+// each of its scores, softmax statistics and output columns is one 8-wide vector (lane = head). q and the
+// accumulators are held transposed ([D][8]), K / V elements are broadcast from the fp32 chunk, so the dot products
+// are plain FMA chains over c: no horizontal sums, and the softmax max / exp / sum are elementwise. The sums run
+// in another order than GroupAttention's (c sequential per lane, not 8 partial sums), within the same precision
+// order. Measured against GroupAttention, benchmarks/RESULTS.md, session 15.
+template <typename T>
+class LaneGroupAttention {
+ public:
+  void begin(const T* q, int64_t q_rs, int64_t q_hs, int64_t M, int64_t G, const int64_t* nkeys, int64_t D) {
+    nb_ = M * G / 8, G_ = G, D_ = D, max_keys_ = 0;
+    qt_.resize(nb_ * D * 8); acc_.assign(nb_ * D * 8, 0.f); keys_.resize(nb_);
+    m_.assign(nb_ * 8, -std::numeric_limits<float>::infinity()); l_.assign(nb_ * 8, 0.f);
+    for (int64_t b = 0; b < nb_; ++b) {
+      const int64_t r = b / (G / 8), g0 = b % (G / 8) * 8;
+      keys_[b] = nkeys[r];
+      max_keys_ = std::max(max_keys_, nkeys[r]);
+      for (int64_t g = 0; g < 8; ++g) {
+        const T* qi = q + r * q_rs + (g0 + g) * q_hs;
+        for (int64_t c = 0; c < D; ++c) qt_[(b * D + c) * 8 + g] = to_float(qi[c]);
+      }
+    }
+  }
+  int64_t max_keys() const { return max_keys_; }
+  // Keys j0 .. j0 + kKeyChunk - 1 (up to max_keys): rows of k / v at k + j * kv_stride.
+  void chunk(const T* k, const T* v, int64_t kv_stride, int64_t j0, float scale, ChunkScratch& cs) {
+    const int64_t n = std::min(kKeyChunk, max_keys_ - j0), D = D_;
+    cs.resize(nb_ * 8, D);
+    load_chunk(k, kv_stride, j0, n, max_keys_, D, cs.kf.data());
+    load_chunk(v, kv_stride, j0, n, max_keys_, D, cs.vf.data());
+    float* const s = cs.s.data();  // [kKeyChunk][8], one lane block at a time
+    // The first lane block's loops prefetch the next chunk's K / V rows, spread over its compute: the chunk's
+    // arithmetic then overlaps the next chunk's reads (1.02-1.24x faster decode out of DRAM, session 15; a burst
+    // of prefetches at the chunk's start measured slower, session 7).
+    Rows next_k{k + (j0 + kKeyChunk) * kv_stride, kv_stride, std::max<int64_t>(0, max_keys_ - j0 - kKeyChunk)};
+    Rows next_v{v + (j0 + kKeyChunk) * kv_stride, kv_stride, next_k.avail};
+    for (int64_t b = 0; b < nb_; ++b) {
+      const int64_t ni = std::min(n, keys_[b] - j0);
+      if (ni <= 0) continue;  // a causal row that sees none of the chunk: nothing to add
+      float* const acc = acc_.data() + b * D * 8;
+      lane_scores(qt_.data() + b * D * 8, cs.kf.data(), ni, D, scale, s, next_k);
+      lane_softmax_update(s, ni, m_.data() + b * 8, l_.data() + b * 8, acc, D);
+      lane_weighted_values(s, cs.vf.data(), ni, D, acc, next_v);
+      next_k.avail = next_v.avail = 0;
+    }
+  }
+  // Writes query (r, g) to out + r * o_rs + g * o_hs.
+  void end(T* out, int64_t o_rs, int64_t o_hs) const {
+    float inv[8];
+    for (int64_t b = 0; b < nb_; ++b) {
+      const float* l = l_.data() + b * 8;
+      for (int g = 0; g < 8; ++g) inv[g] = l[g] > 0.f ? 1.f / l[g] : 0.f;
+      const int64_t r = b / (G_ / 8), g0 = b % (G_ / 8) * 8;
+      const float* a = acc_.data() + b * D_ * 8;
+      for (int64_t g = 0; g < 8; ++g) {
+        T* o = out + r * o_rs + (g0 + g) * o_hs;
+        for (int64_t c = 0; c < D_; ++c) o[c] = from_float<T>(a[c * 8 + g] * inv[g]);
+      }
+    }
+  }
+
+ private:
+  struct Rows { const T* base; int64_t stride, avail; };  // cache rows to prefetch, those below avail
+
+  // s[j] = (q . k_j) * scale for the block's 8 heads, keys j < n (rows of kf, stride D), 8 keys at a time; the
+  // last step pads with copies of key n-1 (written past n, never read). Prefetches rows j .. j+7 of `ahead`.
+  static void lane_scores(const float* qt, const float* kf, int64_t n, int64_t D, float scale, float* s,
+                          const Rows& ahead) {
+    for (int64_t j = 0; j < n; j += 8) {
+      prefetch_rows(ahead.base, ahead.stride, j, 8, ahead.avail, D);
+      const float* kr[8];
+      for (int t = 0; t < 8; ++t) kr[t] = kf + std::min(j + t, n - 1) * D;
+      vec8 a[8];
+      for (auto& x : a) x = zero8();
+      for (int64_t c = 0; c < D; ++c) {
+        const vec8 qc = load8(qt + c * 8);
+        for (int t = 0; t < 8; ++t) a[t] = fmadd(qc, set1(kr[t][c]), a[t]);
+      }
+      const vec8 vs = set1(scale);
+      for (int t = 0; t < 8; ++t) store8(s + (j + t) * 8, mul(a[t], vs));
+    }
+  }
+  // Online softmax over keys j < n of each lane; s[j] becomes p_j = exp(s_j - m) rounded to T.
+  // m, l: the 8 lanes' running max and sum.
+  static void lane_softmax_update(float* s, int64_t n, float* m, float* l, float* acc, int64_t D) {
+    vec8 mx = load8(m);
+    for (int64_t j = 0; j < n; ++j) mx = vmax(mx, load8(s + j * 8));
+    const vec8 alpha = exp8_nonpositive(sub(load8(m), mx));
+    vec8 sum = zero8();
+    for (int64_t j = 0; j < n; ++j) {
+      const vec8 p = exp8_nonpositive(sub(load8(s + j * 8), mx));
+      sum = add(sum, p);
+      store8(s + j * 8, round_through<T>(p));
+    }
+    store8(l, fmadd(load8(l), alpha, sum));
+    store8(m, mx);
+    for (int64_t c = 0; c < D; ++c) store8(acc + c * 8, mul(load8(acc + c * 8), alpha));
+  }
+  // acc[c] += sum_{j < n} p_j * v_j[c], 8 columns in registers over the chunk; prefetches row j of `ahead`.
+  static void lane_weighted_values(const float* p, const float* vf, int64_t n, int64_t D, float* acc,
+                                   const Rows& ahead) {
+    for (int64_t c = 0; c < D; c += 8) {
+      vec8 o[8];
+      for (int u = 0; u < 8; ++u) o[u] = load8(acc + (c + u) * 8);
+      for (int64_t j = 0; j < n; ++j) {
+        if (c == 0) prefetch_rows(ahead.base, ahead.stride, j, 1, ahead.avail, D);
+        const vec8 pj = load8(p + j * 8);
+        const float* vr = vf + j * D + c;
+        for (int u = 0; u < 8; ++u) o[u] = fmadd(pj, set1(vr[u]), o[u]);
+      }
+      for (int u = 0; u < 8; ++u) store8(acc + (c + u) * 8, o[u]);
+    }
+  }
+
+  int64_t nb_ = 0, G_ = 8, D_ = 0, max_keys_ = 0;
+  std::vector<float> qt_, acc_, m_, l_;
+  std::vector<int64_t> keys_;
+};
+
+// Calls fn with a default-constructed kernel object for kv groups of G query heads (LaneGroupAttention when G is
+// a multiple of 8).
+template <typename T, typename F>
+void with_group_kernel(int64_t G, const F& fn) {
+  if (G % 8 == 0) fn(LaneGroupAttention<T>{});
+  else fn(GroupAttention<T>{});
+}
+
 template <typename T>
 void zero_heads(T* out, int64_t G, int64_t D) {
   for (int64_t i = 0; i < G * D; ++i) out[i] = from_float<T>(0.f);
@@ -262,8 +391,9 @@ void attention_prefill(DType dt, void* out, HeadsView q, int64_t tokens, int64_t
       if (!covered[t]) zero_heads(o + t * q_heads * D, q_heads, D);  // tokens outside every sequence
     }
     const int64_t n = static_cast<int64_t>(blocks.size()) * Hkv;
+    with_group_kernel<scalar_t>(G, [&](auto kind) {
     parallel_for(n, 1, [&](int64_t i0, int64_t i1) {
-      GroupAttention<scalar_t> ga;
+      decltype(kind) ga;
       ChunkScratch cs;
       int64_t nkeys[kMaxRowBlock];
       for (int64_t ii = i0; ii < i1; ++ii) {
@@ -286,6 +416,7 @@ void attention_prefill(DType dt, void* out, HeadsView q, int64_t tokens, int64_t
         ga.end(ob, q_heads * D, D);
       }
     });
+    });
   });
 }
 
@@ -302,8 +433,9 @@ void attention_decode(DType dt, void* out, HeadsView q, int64_t batch, int64_t q
     // apart, one head after another.
     const int64_t hb = std::clamp<int64_t>((batch * Hkv + max_threads() - 1) / max_threads(), 1, Hkv);
     const int64_t blocks = (Hkv + hb - 1) / hb;
+    with_group_kernel<scalar_t>(G, [&](auto kind) {
     parallel_for(batch * blocks, 1, [&](int64_t i0, int64_t i1) {
-      std::vector<GroupAttention<scalar_t>> heads(hb);
+      std::vector<decltype(kind)> heads(hb);
       ChunkScratch cs;
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t b = i / blocks, h0 = (i % blocks) * hb, h1 = std::min(Hkv, h0 + hb);
@@ -325,6 +457,7 @@ void attention_decode(DType dt, void* out, HeadsView q, int64_t batch, int64_t q
         }
         for (int64_t h = h0; h < h1; ++h) heads[h - h0].end(ob + h * G * D, 0, D);
       }
+    });
     });
   });
 }

@@ -109,6 +109,7 @@ inline vec8 add(vec8 a, vec8 b) { return _mm256_add_ps(a, b); }
 inline vec8 sub(vec8 a, vec8 b) { return _mm256_sub_ps(a, b); }
 inline vec8 mul(vec8 a, vec8 b) { return _mm256_mul_ps(a, b); }
 inline vec8 fmadd(vec8 a, vec8 b, vec8 c) { return _mm256_fmadd_ps(a, b, c); }
+inline vec8 vmax(vec8 a, vec8 b) { return _mm256_max_ps(a, b); }  // b where either is NaN
 inline float hsum(vec8 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -155,6 +156,7 @@ inline vec8 add(vec8 a, vec8 b) { for (int i = 0; i < 8; ++i) a.v[i] += b.v[i]; 
 inline vec8 sub(vec8 a, vec8 b) { for (int i = 0; i < 8; ++i) a.v[i] -= b.v[i]; return a; }
 inline vec8 mul(vec8 a, vec8 b) { for (int i = 0; i < 8; ++i) a.v[i] *= b.v[i]; return a; }
 inline vec8 fmadd(vec8 a, vec8 b, vec8 c) { for (int i = 0; i < 8; ++i) c.v[i] += a.v[i] * b.v[i]; return c; }
+inline vec8 vmax(vec8 a, vec8 b) { for (int i = 0; i < 8; ++i) a.v[i] = a.v[i] > b.v[i] ? a.v[i] : b.v[i]; return a; }
 inline float hsum(vec8 a) { float s = 0; for (float e : a.v) s += e; return s; }
 inline void hsum4(vec8 a0, vec8 a1, vec8 a2, vec8 a3, float scale, float* out) {
   out[0] = hsum(a0) * scale; out[1] = hsum(a1) * scale; out[2] = hsum(a2) * scale; out[3] = hsum(a3) * scale;
