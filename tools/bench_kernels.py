@@ -137,20 +137,23 @@ def bench_rms_norm(device, ctx):
 
 @bench("attention")
 def bench_attention(device, ctx):
-    """Decode at batch 1 (7B: Hq = Hkv = 32, D = 128) over 4k / 16k cached tokens, bytes = K + V read; causal
-    prefill (TFLOP/s with 4 * T * T / 2 * Hq * D flops). Peer: torch SDPA over views of the same cache."""
+    """Decode at batch 1 (7B: Hq = Hkv = 32, D = 128, over 4k / 16k cached tokens; 34B / 70B: Hq = 64, Hkv = 8,
+    over 4k), bytes = K + V read; causal prefill (TFLOP/s with 4 * T * T / 2 * Hq * D flops). Peer: torch SDPA over
+    views of the same cache."""
     import torch.nn.functional as F
     dtype, h, d = torch.bfloat16, 32, 128
     i32 = lambda *v: torch.tensor(v, dtype=torch.int32, device=device)  # noqa: E731
-    for n in [4096, 16384]:
-        kc = torch.randn(1, n, h, d, device=device, dtype=dtype)
+    for n, hq, hkv in [(4096, h, h), (16384, h, h), (4096, 64, 8)]:
+        kc = torch.randn(1, n, hkv, d, device=device, dtype=dtype)
         vc = torch.randn_like(kc)
-        q = torch.randn(1, h, d, device=device, dtype=dtype)
-        k4, v4 = kc[0].transpose(0, 1)[None], vc[0].transpose(0, 1)[None]  # [1, H, n, D] views
+        q = torch.randn(1, hq, d, device=device, dtype=dtype)
+        k4, v4 = kc[0].transpose(0, 1)[None], vc[0].transpose(0, 1)[None]  # [1, Hkv, n, D] views
         slot, seq_len = i32(0), i32(n)
         ours = timeit(lambda: ops.attention_decode(q, kc, vc, slot, seq_len), device)
-        peer = timeit(lambda: F.scaled_dot_product_attention(q[:, :, None], k4, v4), device)
-        row(f"attention_decode b=1 len={n} H={h} D={d} bf16", ours, peer, nbytes=nbytes(kc, vc), ceiling_bw=ctx["bw"])
+        peer = timeit(lambda: F.scaled_dot_product_attention(q[:, :, None], k4, v4, enable_gqa=hq != hkv), device)
+        heads = f"H={hq}" if hq == hkv else f"H={hq}/{hkv}"
+        row(f"attention_decode b=1 len={n} {heads} D={d} bf16", ours, peer, nbytes=nbytes(kc, vc),
+            ceiling_bw=ctx["bw"])
     t = 2048 if device == "cuda" else 512  # CPU: small enough to finish in seconds
     kc = torch.randn(1, t, h, d, device=device, dtype=dtype)
     vc = torch.randn_like(kc)
