@@ -82,10 +82,10 @@ void scores(const float* q, const K* kf, int64_t k_stride, int64_t n, int64_t av
   }
 }
 
-// acc[r][c .. c + 8C) += sum_{j < n} p[r][j] * v_j[c .. c + 8C) for R queries (v_j: rows of vf, stride v_stride;
-// scratch or cache as in scores): the R x C accumulators stay in registers over the whole chunk, each V vector is
-// loaded once for the R queries.
-template <int R, int C, typename V>
+// acc[r][c .. c + 8C) += sum_{j < n} p[r][j] * v_j[c .. c + 8C) for R queries (p[r][j] at p[r * PR + j * PJ]; v_j:
+// rows of vf, stride v_stride; scratch or cache as in scores): the R x C accumulators stay in registers over the
+// whole chunk, each V vector is loaded once for the R queries.
+template <int R, int C, int64_t PR, int64_t PJ, typename V>
 void weighted_columns(const float* p, const V* vf, int64_t v_stride, int64_t n, int64_t avail, int64_t D, float* acc,
                       int64_t c) {
   vec8 o[R][C];
@@ -96,7 +96,7 @@ void weighted_columns(const float* p, const V* vf, int64_t v_stride, int64_t n, 
     vec8 v[C];
     for (int u = 0; u < C; ++u) v[u] = load8(vf + j * v_stride + c + 8 * u);
     for (int r = 0; r < R; ++r) {
-      const vec8 pr = set1(p[r * kKeyChunk + j]);
+      const vec8 pr = set1(p[r * PR + j * PJ]);
       for (int u = 0; u < C; ++u) o[r][u] = fmadd(pr, v[u], o[r][u]);
     }
   }
@@ -104,12 +104,13 @@ void weighted_columns(const float* p, const V* vf, int64_t v_stride, int64_t n, 
     for (int u = 0; u < C; ++u) store8(acc + r * D + c + 8 * u, o[r][u]);
 }
 
-// acc[r] += sum_{j < n} p[r][j] * v_j for R queries, 16 columns at a time (then 8 when D = 16k + 8).
-template <int R, typename V>
+// acc[r] += sum_{j < n} p[r][j] * v_j for R queries, 16 columns at a time (then 8 when D = 16k + 8). p[r][j] at
+// p[r * PR + j * PJ]: scores in rows per query (GroupAttention) or in rows per key (LaneGroupAttention).
+template <int R, int64_t PR = kKeyChunk, int64_t PJ = 1, typename V>
 void weighted_values(const float* p, const V* vf, int64_t v_stride, int64_t n, int64_t avail, int64_t D, float* acc) {
   int64_t c = 0;
-  for (; c + 16 <= D; c += 16) weighted_columns<R, 2>(p, vf, v_stride, n, avail, D, acc, c);
-  if (c < D) weighted_columns<R, 1>(p, vf, v_stride, n, avail, D, acc, c);
+  for (; c + 16 <= D; c += 16) weighted_columns<R, 2, PR, PJ>(p, vf, v_stride, n, avail, D, acc, c);
+  if (c < D) weighted_columns<R, 1, PR, PJ>(p, vf, v_stride, n, avail, D, acc, c);
 }
 
 // Online-softmax update of one query over its first ni keys of the chunk (s: its scores, n entries): new
@@ -211,17 +212,19 @@ class GroupAttention {
 
 // The same attention for a kv group of G = 8k query heads (every GQA CodeLlama: 34B, 70B have 8 per kv head),
 // vectorised across the group instead of along D: a lane block is the 8 heads g0 .. g0+7 of one query row, and
-// each of its scores, softmax statistics and output columns is one 8-wide vector (lane = head). q and the
-// accumulators are held transposed ([D][8]), K / V elements are broadcast from the fp32 chunk, so the dot products
-// are plain FMA chains over c: no horizontal sums, and the softmax max / exp / sum are elementwise. The sums run
-// in another order than GroupAttention's (c sequential per lane, not 8 partial sums), within the same precision
-// order. Measured against GroupAttention, benchmarks/RESULTS.md, session 15.
+// each of its scores and softmax statistics is one 8-wide vector (lane = head): q is held transposed ([D][8]) and
+// K elements are broadcast from the fp32 chunk, so the dot products are plain FMA chains over c (no horizontal
+// sums) and the softmax max / exp / sum are elementwise. P.v is GroupAttention's (4 heads x 16 columns in
+// registers, V rows straight from the cache, converted in registers: the same sums, 1.08-1.21x faster per call
+// than broadcasting each V element from an fp32 chunk as the scores do). The scores' sums run in another order than
+// GroupAttention's (c sequential per lane, not 8 partial sums), within the same precision order. Measured against
+// GroupAttention, benchmarks/RESULTS.md, session 15.
 template <typename T>
 class LaneGroupAttention {
  public:
   void begin(const T* q, int64_t q_rs, int64_t q_hs, int64_t M, int64_t G, const int64_t* nkeys, int64_t D) {
     nb_ = M * G / 8, G_ = G, D_ = D, max_keys_ = 0;
-    qt_.resize(nb_ * D * 8); acc_.assign(nb_ * D * 8, 0.f); keys_.resize(nb_);
+    qt_.resize(nb_ * D * 8); acc_.assign(nb_ * 8 * D, 0.f); keys_.resize(nb_);
     m_.assign(nb_ * 8, -std::numeric_limits<float>::infinity()); l_.assign(nb_ * 8, 0.f);
     for (int64_t b = 0; b < nb_; ++b) {
       const int64_t r = b / (G / 8), g0 = b % (G / 8) * 8;
@@ -239,21 +242,20 @@ class LaneGroupAttention {
     const int64_t n = std::min(kKeyChunk, max_keys_ - j0), D = D_;
     cs.resize(nb_ * 8, D);
     load_chunk(k, kv_stride, j0, n, max_keys_, D, cs.kf.data());
-    load_chunk(v, kv_stride, j0, n, max_keys_, D, cs.vf.data());
     float* const s = cs.s.data();  // [kKeyChunk][8], one lane block at a time
-    // The first lane block's loops prefetch the next chunk's K / V rows, spread over its compute: the chunk's
-    // arithmetic then overlaps the next chunk's reads (1.02-1.24x faster decode out of DRAM, session 15; a burst
-    // of prefetches at the chunk's start measured slower, session 7).
-    Rows next_k{k + (j0 + kKeyChunk) * kv_stride, kv_stride, std::max<int64_t>(0, max_keys_ - j0 - kKeyChunk)};
-    Rows next_v{v + (j0 + kKeyChunk) * kv_stride, kv_stride, next_k.avail};
+    // The first lane block's scores prefetch the chunk's V rows, spread over its compute (a burst of prefetches at
+    // the chunk's start measured slower, session 7).
+    Rows ahead{v + j0 * kv_stride, kv_stride, n};
+    const T* vr = v + j0 * kv_stride;
     for (int64_t b = 0; b < nb_; ++b) {
       const int64_t ni = std::min(n, keys_[b] - j0);
       if (ni <= 0) continue;  // a causal row that sees none of the chunk: nothing to add
-      float* const acc = acc_.data() + b * D * 8;
-      lane_scores(qt_.data() + b * D * 8, cs.kf.data(), ni, D, scale, s, next_k);
+      float* const acc = acc_.data() + b * 8 * D;
+      lane_scores(qt_.data() + b * D * 8, cs.kf.data(), ni, D, scale, s, ahead);
       lane_softmax_update(s, ni, m_.data() + b * 8, l_.data() + b * 8, acc, D);
-      lane_weighted_values(s, cs.vf.data(), ni, D, acc, next_v);
-      next_k.avail = next_v.avail = 0;
+      weighted_values<4, 1, 8>(s, vr, kv_stride, ni, 0, D, acc);
+      weighted_values<4, 1, 8>(s + 4, vr, kv_stride, ni, 0, D, acc + 4 * D);
+      ahead.avail = 0;
     }
   }
   // Writes query (r, g) to out + r * o_rs + g * o_hs.
@@ -263,10 +265,11 @@ class LaneGroupAttention {
       const float* l = l_.data() + b * 8;
       for (int g = 0; g < 8; ++g) inv[g] = l[g] > 0.f ? 1.f / l[g] : 0.f;
       const int64_t r = b / (G_ / 8), g0 = b % (G_ / 8) * 8;
-      const float* a = acc_.data() + b * D_ * 8;
+      const float* a = acc_.data() + b * 8 * D_;
       for (int64_t g = 0; g < 8; ++g) {
         T* o = out + r * o_rs + (g0 + g) * o_hs;
-        for (int64_t c = 0; c < D_; ++c) o[c] = from_float<T>(a[c * 8 + g] * inv[g]);
+        const vec8 vi = set1(inv[g]);
+        for (int64_t c = 0; c < D_; c += 8) store8(o + c, mul(load8(a + g * D_ + c), vi));
       }
     }
   }
@@ -293,7 +296,7 @@ class LaneGroupAttention {
     }
   }
   // Online softmax over keys j < n of each lane; s[j] becomes p_j = exp(s_j - m) rounded to T.
-  // m, l: the 8 lanes' running max and sum.
+  // m, l: the 8 lanes' running max and sum; acc: the 8 heads' accumulators [8][D], rescaled.
   static void lane_softmax_update(float* s, int64_t n, float* m, float* l, float* acc, int64_t D) {
     vec8 mx = load8(m);
     for (int64_t j = 0; j < n; ++j) mx = vmax(mx, load8(s + j * 8));
@@ -306,24 +309,13 @@ class LaneGroupAttention {
     }
     store8(l, fmadd(load8(l), alpha, sum));
     store8(m, mx);
-    for (int64_t c = 0; c < D; ++c) store8(acc + c * 8, mul(load8(acc + c * 8), alpha));
-  }
-  // acc[c] += sum_{j < n} p_j * v_j[c], 8 columns in registers over the chunk; prefetches row j of `ahead`.
-  static void lane_weighted_values(const float* p, const float* vf, int64_t n, int64_t D, float* acc,
-                                   const Rows& ahead) {
-    for (int64_t c = 0; c < D; c += 8) {
-      vec8 o[8];
-      for (int u = 0; u < 8; ++u) o[u] = load8(acc + (c + u) * 8);
-      for (int64_t j = 0; j < n; ++j) {
-        if (c == 0) prefetch_rows(ahead.base, ahead.stride, j, 1, ahead.avail, D);
-        const vec8 pj = load8(p + j * 8);
-        const float* vr = vf + j * D + c;
-        for (int u = 0; u < 8; ++u) o[u] = fmadd(pj, set1(vr[u]), o[u]);
-      }
-      for (int u = 0; u < 8; ++u) store8(acc + (c + u) * 8, o[u]);
+    float a[8];
+    store8(a, alpha);
+    for (int g = 0; g < 8; ++g) {
+      const vec8 ag = set1(a[g]);
+      for (int64_t c = 0; c < D; c += 8) store8(acc + g * D + c, mul(load8(acc + g * D + c), ag));
     }
   }
-
   int64_t nb_ = 0, G_ = 8, D_ = 0, max_keys_ = 0;
   std::vector<float> qt_, acc_, m_, l_;
   std::vector<int64_t> keys_;
