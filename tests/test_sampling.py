@@ -101,6 +101,28 @@ def test_sample_more_kept_than_one_chunk(device):
     assert torch.equal(out.cpu(), reference.sample(logits.cpu(), t.cpu(), k.cpu(), p.cpu(), u.cpu()))
 
 
+def test_sample_peaked_rows_and_every_way_past_the_head(device):
+    """Rows shaped like a language model's (a few likely tokens): the CUDA kernel answers most from the entries near
+    the maximum (its head) and falls back to the chunk walk when top-k reaches past them, when the inverse CDF
+    without top-p lands past them, or when they are more than 1024."""
+    g = torch.Generator().manual_seed(11)
+    v = 32016
+    logits = torch.randn(12, v, generator=g) * 2
+    top = torch.randint(0, v, (12, 20), generator=g)
+    logits.scatter_add_(1, top, torch.full((12, 20), 12.0) + torch.randn(12, 20, generator=g))
+    logits[5] = torch.randn(v, generator=g) * 0.01 - 17.5  # just past the head: ~1e-3 of the mass without top-p
+    logits[5, 123] = 0.0
+    logits[9:] = torch.randn(3, v, generator=g) * 0.05  # flat: thousands of entries near the maximum
+    logits = logits.to(device)
+    t, k, p, u = _params(12, device, 0.8, 0, 0.95, seed=12)
+    t[3], t[4], t[5], t[6], t[7], t[8] = 0.2, 0.2, 1.0, 0.2, 0.2, 1.0
+    k[2], k[3], k[4] = 5, 10, 2000  # top-k inside the head (with and without top-p), top-k past it
+    p[3], p[5], p[6], p[8], p[10] = 1.0, 1.0, 1.0, 0.0, 1.0
+    u[5], u[6] = 0.9999, 0.3  # without top-p: the inverse CDF past the head, and inside it
+    out = ops.sample(logits, t, k, p, u)
+    assert torch.equal(out.cpu(), reference.sample(logits.cpu(), t.cpu(), k.cpu(), p.cpu(), u.cpu()))
+
+
 def test_sample_distribution(device):
     """Frequencies over 20000 uniforms follow softmax(logits / T) restricted by top-k / top-p."""
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, 3.0, 0.2, -0.3]], device=device)

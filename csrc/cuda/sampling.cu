@@ -1,10 +1,17 @@
 // argmax: one block per row, (value, index) reduction (NaN largest, first index of equals).
 // sample: one block of 1024 threads per row, no full sort and no host synchronisation:
-//   keys = (order-preserving bits of x_i = logit_i / T) << 32 | ~i, unique, larger = earlier in sorted order;
+//   keys = (order-preserving bits of x_i = logit_i / T) << 32 | ~i, unique, larger = earlier in sorted order.
+//   Likely rows first (head path): the entries with x_i > m + log(tau), tau = (1 - top_p) / V, have
+//   e_i = exp(x_i - m) > tau, and the others hold at most V * tau = 1 - top_p of the mass, less than a share
+//   1 - top_p of Z (>= 1: the maximum has e = 1); so a language model's nucleus is almost always among them. A
+//   bound on x (not on e: expf need not be monotonic) makes them a prefix of the sorted order. The pass that sums
+//   Z gathers them (up to 1024), a bitonic sort and one double prefix scan give top-k, top-p and the inverse
+//   CDF: two passes over the row. When a crossing is not inside that prefix (flat rows, u near 1 without top-p, top-k
+//   past the prefix), the general path runs:
 //   the key of any rank comes from an 8 x 8-bit radix select (shared histograms, warp-aggregated atomics);
 //   the sorted order is walked in chunks of 1024 ranks: select the chunk's last key, gather the chunk's keys,
-//   bitonic-sort them in shared memory, double prefix scan of e_i = expf(x_i - max), first crossing by a
-//   block min-reduction. Exact same rules as the CPU kernel (see sampling.h); most rows need one chunk.
+//   bitonic-sort them in shared memory, double prefix scan of e_i, first crossing by a block min-reduction.
+//   Exact same rules as the CPU kernel (see sampling.h).
 //   Differences from the CPU: the double sums run in block order (last-bit differences) and CUDA's expf may
 //   differ from glibc's by an ulp, so a uniform within ~1e-7 of a CDF step may pick the neighbouring entry.
 #include <climits>
@@ -192,6 +199,21 @@ __device__ uint64_t select_key(const T* row, int v, float temp, int rank, Sample
   return prefix;
 }
 
+// Sorts sh.keys[0, n) descending (n a power of two <= kChunk); every thread of the block calls it.
+__device__ void bitonic_sort_desc(SampleShared& sh, int n) {
+  for (int size = 2; size <= n; size <<= 1) {
+    for (int j = size >> 1; j > 0; j >>= 1) {
+      const int i = threadIdx.x, ixj = i ^ j;
+      if (i < n && ixj > i) {
+        const uint64_t a = sh.keys[i], b = sh.keys[ixj];
+        const bool descending = (i & size) == 0;
+        if (descending ? a < b : a > b) { sh.keys[i] = b; sh.keys[ixj] = a; }
+      }
+      __syncthreads();
+    }
+  }
+}
+
 // Gathers the keys in [lo, hi) (no upper bound unless `bounded`) into sh.keys and sorts them descending;
 // slots past the gathered ones hold 0, below every real key.
 template <typename T>
@@ -209,17 +231,7 @@ __device__ void gather_sorted(const T* row, int v, float temp, uint64_t lo, uint
     }
   }
   __syncthreads();
-  for (int size = 2; size <= kChunk; size <<= 1) {
-    for (int j = size >> 1; j > 0; j >>= 1) {
-      const int i = threadIdx.x, ixj = i ^ j;
-      if (ixj > i) {
-        const uint64_t a = sh.keys[i], b = sh.keys[ixj];
-        const bool descending = (i & size) == 0;
-        if (descending ? a < b : a > b) { sh.keys[i] = b; sh.keys[ixj] = a; }
-      }
-      __syncthreads();
-    }
-  }
+  bitonic_sort_desc(sh, kChunk);
 }
 
 struct WalkResult {
@@ -271,6 +283,42 @@ __device__ WalkResult walk(const T* row, int v, float temp, float m, int limit, 
   return r;
 }
 
+// Head path (see the top of the file): sh.keys[0, count) hold the keys with x > head_above (unsorted), z the mass
+// of the whole row. Returns the sampled index, or -1 when a crossing lies past the head (the general path then decides).
+// Block-uniform arguments; every thread of the block calls it.
+template <typename T>
+__device__ int sample_head(const T* row, int v, float temp, float m, int kp, float p, float u, int count, double z,
+                           SampleShared& sh) {
+  if (count > kChunk || (kp < v && kp > count)) return -1;
+  const int n = min(kp, count);  // head entries inside the top-k set
+  int n2 = 2;
+  while (n2 < count) n2 <<= 1;
+  bitonic_sort_desc(sh, n2);
+  const int j = threadIdx.x;
+  const double e = j < n ? static_cast<double>(expf(scaled(row, key_index(sh.keys[j]), temp) - m)) : 0.0;
+  const double inc = block_inclusive_scan(e);
+  sh.incl[j] = inc;
+  __syncthreads();
+  // top-k inside the head: its mass is the scan's; otherwise the whole row's.
+  const double zk = kp < v ? sh.incl[kp - 1] : z;
+  int kept = kp;  // entries kept by top-p, as a rank bound (> n: past the head)
+  double mass = zk;
+  if (p < 1.f) {
+    const double thr = static_cast<double>(p) * zk;
+    const int first = block_min_i(j < n && inc > thr ? j : INT_MAX);
+    if (first != INT_MAX) {
+      kept = first + 1;
+      mass = sh.incl[first];
+    } else if (kp > n) {
+      return -1;
+    }
+  }
+  const double thr = static_cast<double>(u) * mass;
+  const int first = block_min_i(j < min(kept, n) && inc > thr ? j : INT_MAX);
+  if (first != INT_MAX) return key_index(sh.keys[first]);
+  return kept <= n ? key_index(sh.keys[kept - 1]) : -1;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kChunk) sample_kernel(int64_t* out, const T* logits, int64_t stride, int v,
                                                         const float* temperature, const int32_t* top_k,
@@ -285,11 +333,39 @@ __global__ void __launch_bounds__(kChunk) sample_kernel(int64_t* out, const T* l
     if (threadIdx.x == 0) out[b] = i;
     return;
   }
+  sh.keys[threadIdx.x] = 0;
+  if (threadIdx.x == 0) sh.counter = 0;
   float mloc = -INFINITY;
   for (int i = threadIdx.x; i < v; i += blockDim.x) mloc = fmaxf(mloc, scaled(row, i, temp));
-  const float m = block_max(mloc);
+  const float m = block_max(mloc);  // its barriers also order the resets above before the gathering below
   const int k = top_k[b];
   const int kp = (k >= 1 && k < v) ? k : v;
+  const float p = top_p[b];
+  // Without top-p, a head of all but 1e-3 of the mass: the inverse CDF rarely lands past it.
+  const float head_above = m + logf((p < 1.f ? 1.f - p : 1e-3f) / static_cast<float>(v));
+  double zall = 0.0;
+  for (int base = 0; base < v; base += blockDim.x) {  // uniform trip count: the ballot needs the whole warp
+    const int i = base + static_cast<int>(threadIdx.x);
+    float x = 0.f;
+    if (i < v) {
+      x = scaled(row, i, temp);
+      zall += static_cast<double>(expf(x - m));
+    }
+    const bool head = i < v && x > head_above;
+    const unsigned votes = __ballot_sync(kFull, head);
+    const int lane = static_cast<int>(threadIdx.x & 31);
+    int slot = 0;
+    if (lane == 0 && votes) slot = atomicAdd(&sh.counter, __popc(votes));
+    slot = __shfl_sync(kFull, slot, 0) + __popc(votes & ((1u << lane) - 1u));
+    if (head && slot < kChunk) sh.keys[slot] = make_key(x, i);
+  }
+  const double z = block_sum_d(zall);  // its barriers make the gathered keys and the count visible
+  const int count = sh.counter;
+  const int fast = sample_head(row, v, temp, m, kp, p, uniform[b], count, z, sh);
+  if (fast >= 0) {
+    if (threadIdx.x == 0) out[b] = fast < v ? fast : 0;
+    return;
+  }
   double zloc = 0.0;
   if (kp < v) {
     const uint64_t lo = select_key(row, v, temp, kp, sh);
@@ -297,15 +373,12 @@ __global__ void __launch_bounds__(kChunk) sample_kernel(int64_t* out, const T* l
       const float x = scaled(row, i, temp);
       if (make_key(x, i) >= lo) zloc += static_cast<double>(expf(x - m));
     }
-  } else {
-    for (int i = threadIdx.x; i < v; i += blockDim.x) zloc += static_cast<double>(expf(scaled(row, i, temp) - m));
   }
-  const double z = block_sum_d(zloc);
-  const float p = top_p[b];
+  const double zk = kp < v ? block_sum_d(zloc) : z;
   int kept = kp;
-  double mass = z;
+  double mass = zk;
   if (p < 1.f) {
-    const WalkResult r = walk(row, v, temp, m, kp, static_cast<double>(p) * z, false, sh);
+    const WalkResult r = walk(row, v, temp, m, kp, static_cast<double>(p) * zk, false, sh);
     kept = r.count;
     mass = r.mass;
   }
