@@ -7,7 +7,7 @@
 #   STAGES="build tests gen bench profile" bash tools/gpu_check.sh; STAGES=serve bash tools/gpu_check.sh
 # On an H200 (session 12) build took 43-49 s, tests 34-40 s, gen 55-59 s, bench 8-10 s, profile 28 s, serve 118 s
 # (with the concurrency bench cut at 70 s, before its 8-client row: it now gets 150 s): two calls fit one device
-# budget; the in-place build stays between calls on the same warm machine. profile now runs five times (~14 s each).
+# budget; the in-place build stays between calls on the same warm machine. profile now runs eight times (~14 s each).
 # gen writes a random 7B-shaped checkpoint (13.5 GB fp16) into $GEN_WORKDIR (/tmp/bg) and times ours against
 # transformers; profile splits a 7B decode step's GPU time by kernel (tools/profile_decode.py); serve times
 # prompt lookup on the embedded default model (one row, then batches of 4), concurrent clients
@@ -69,8 +69,10 @@ if stage bench; then
 fi
 
 if stage profile; then
-  # programmatic dependent launch (codellama/launch.h) as shipped, then off, then with other L2 prefetch sizes
-  for run in "|" "|--quantize int8" "CODELLAMA_PDL=0|" "CODELLAMA_L2_PREFETCH_MB=0|" "CODELLAMA_L2_PREFETCH_MB=32|"; do
+  # programmatic dependent launch (codellama/launch.h) as shipped, then off, then with other L2 prefetch sizes; the
+  # wo prefetch during attention without and with a long context (whose K / V reads may evict it from L2)
+  for run in "|" "|--quantize int8" "CODELLAMA_PDL=0|" "CODELLAMA_L2_PREFETCH_MB=0|" "CODELLAMA_L2_PREFETCH_MB=32|" \
+      "CODELLAMA_L2_PREFETCH_ATTENTION_MB=0|" "|--pos 4000" "CODELLAMA_L2_PREFETCH_ATTENTION_MB=0|--pos 4000"; do
     echo "== ${run%%|*} ${run#*|}" | tee -a "$OUT/profile.log"
     env ${run%%|*} timeout "${PROFILE_S:-60}" "$PY" tools/profile_decode.py --shape 7b --dtype float16 ${run#*|} \
       2>&1 | grep -v "profiler.py\|_warn_once\|^USDT\|^ERROR\|^STAGE" | head -16 | tee -a "$OUT/profile.log"

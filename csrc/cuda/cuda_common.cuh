@@ -111,6 +111,19 @@ __device__ __forceinline__ void grid_dependency_sync() {
 #endif
 }
 
+// Asks L2 to fetch bytes [p, p + bytes) (p 16-byte aligned, bytes a multiple of 16) in pieces of up to kL2Piece
+// bytes: cp.async.bulk.prefetch (sm_90); elsewhere nothing.
+constexpr int64_t kL2Piece = 16384;
+__device__ __forceinline__ void prefetch_l2(const void* p, int64_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  for (int64_t o = 0; o < bytes; o += kL2Piece) {
+    const uint32_t n = static_cast<uint32_t>(bytes - o < kL2Piece ? bytes - o : kL2Piece);
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(static_cast<const char*>(p) + o), "r"(n)
+                 : "memory");
+  }
+#endif
+}
+
 // kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent launch when `dependent` (the value
 // of next_launch_dependent() for this launch, asked by the caller when the kernel's arguments depend on it). A
 // failure is left for check_launch.

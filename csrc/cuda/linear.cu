@@ -83,19 +83,6 @@ __device__ __forceinline__ uint4 ld_stream(const void* p) {
   return r;
 }
 
-// Asks L2 to fetch bytes [p, p + bytes) (p 16-byte aligned, bytes a multiple of 16) in pieces of up to 16 KiB:
-// cp.async.bulk.prefetch (sm_90); elsewhere nothing.
-__device__ __forceinline__ void prefetch_l2(const void* p, int64_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  constexpr int64_t kPiece = 16384;
-  for (int64_t o = 0; o < bytes; o += kPiece) {
-    const uint32_t n = static_cast<uint32_t>(bytes - o < kPiece ? bytes - o : kPiece);
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(static_cast<const char*>(p) + o), "r"(n)
-                 : "memory");
-  }
-#endif
-}
-
 // Bytes of each weight row a lane's first batch of loads covers (dot_fp32, gemv_int8_x16_kernel): the L2 prefetch
 // starts after them.
 constexpr int64_t kFirstBatchBytes = int64_t{kLoads} * 32 * 16;

@@ -4,6 +4,7 @@
 // (positions, slots, lengths: the same in every layer) only in the first layer. On the 2-core CPU of
 // benchmarks/RESULTS.md the Python loop cost 3-4 ms per decode step of a 22-layer model (4-6 us per op call,
 // more per nn.Module call), 5-10% of a 1.1B-shaped step.
+#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <tuple>
@@ -81,6 +82,12 @@ std::tuple<at::Tensor, at::Tensor> decoder_layers(const at::Tensor& x, at::Tenso
     // strided views of the fused projection: the ops take any token / head strides
     at::Tensor q = qkv.narrow(1, 0, Hq), k = qkv.narrow(1, Hq, Hkv);
     const at::Tensor v = qkv.narrow(1, Hq + Hkv, Hkv);
+#ifdef CODELLAMA_WITH_CUDA
+    if (decode && x.is_cuda()) {  // wo streams into L2 during RoPE, the cache append and attention (launch.h)
+      cuda::l2_prefetch(w[2].data_ptr(), std::min<int64_t>(w[2].nbytes(), cuda::attention_l2_prefetch_bytes()),
+                        current_stream(x));
+    }
+#endif
     rotary_embedding(q, k, positions, theta, interleaved);
     at::Tensor kc = k_cache.select(0, i), vc = v_cache.select(0, i);
     kv_cache_append(k, v, kc, vc, token_slots, positions);

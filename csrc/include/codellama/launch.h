@@ -37,9 +37,24 @@ class DependentLaunchScope {
 // launch; counts it as made. Kernels that write weights never ask (launch_kernel(false, ...)).
 bool next_launch_dependent(cudaStream_t stream);
 
+// next_launch_dependent's answer for a launch made now, without counting one.
+bool launch_would_be_dependent(cudaStream_t stream);
+
+// Asks L2 to fetch weights [p, p + bytes) while the kernels launched after this call run. A decode step's RoPE, cache
+// append and attention are latency-bound (a few us each, session 12's profile in benchmarks/RESULTS.md) and leave
+// the memory bus idle; the output projection's weights can stream meanwhile, so that its GEMV reads them from L2.
+// Launches a dependent kernel whose blocks first let the next kernel launch, then issue the prefetches, then wait
+// for the kernel before them: a kernel after it still waits (through it) for everything before it. Launches
+// nothing unless that launch would be dependent (launch_would_be_dependent) and p is 16-byte aligned.
+void l2_prefetch(const void* p, int64_t bytes, cudaStream_t stream);
+
 // Bytes of weights a GEMV launched as a dependent asks L2 to fetch before its wait: the rows of its first blocks
 // past their first loads, so the weight stream goes on while the kernels before it end. CODELLAMA_L2_PREFETCH_MB
 // (read once; default 16, a third of an H100's 50 MB L2; 0: none) exists to tune it on a GPU.
 int64_t l2_prefetch_bytes();
+
+// Bytes of a layer's output projection that decoder_layers prefetches (l2_prefetch) before a decode step's RoPE:
+// CODELLAMA_L2_PREFETCH_ATTENTION_MB (read once; default 32, which holds a 7B wo; 0: none).
+int64_t attention_l2_prefetch_bytes();
 
 }  // namespace codellama::cuda
