@@ -123,6 +123,17 @@ def test_sample_peaked_rows_and_every_way_past_the_head(device):
     assert torch.equal(out.cpu(), reference.sample(logits.cpu(), t.cpu(), k.cpu(), p.cpu(), u.cpu()))
 
 
+def test_sample_wide_nucleus(device):
+    """Nuclei of hundreds to thousands of entries: heads of up to 2048 (two per CUDA thread) and past them."""
+    g = torch.Generator().manual_seed(13)
+    logits = (torch.randn(6, 32016, generator=g) * 3).to(device)
+    t, k, p, u = _params(6, device, 0.8, 0, 0.95, seed=14)
+    p[1], p[2], p[3] = 0.9, 0.99, 1.0
+    t[4], k[5] = 1.2, 1500
+    out = ops.sample(logits, t, k, p, u)
+    assert torch.equal(out.cpu(), reference.sample(logits.cpu(), t.cpu(), k.cpu(), p.cpu(), u.cpu()))
+
+
 def test_sample_distribution(device):
     """Frequencies over 20000 uniforms follow softmax(logits / T) restricted by top-k / top-p."""
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, 3.0, 0.2, -0.3]], device=device)

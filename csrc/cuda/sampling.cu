@@ -1,13 +1,14 @@
 // argmax: one block per row, (value, index) reduction (NaN largest, first index of equals).
 // sample: one block of 1024 threads per row, no full sort and no host synchronisation:
 //   keys = (order-preserving bits of x_i = logit_i / T) << 32 | ~i, unique, larger = earlier in sorted order.
-//   Likely rows first (head path): the entries with x_i > m + log(tau), tau = (1 - top_p) / V, have
-//   e_i = exp(x_i - m) > tau, and the others hold at most V * tau = 1 - top_p of the mass, less than a share
-//   1 - top_p of Z (>= 1: the maximum has e = 1); so a language model's nucleus is almost always among them. A
-//   bound on x (not on e: expf need not be monotonic) makes them a prefix of the sorted order. The pass that sums
-//   Z gathers them (up to 1024), a bitonic sort and one double prefix scan give top-k, top-p and the inverse
-//   CDF: two passes over the row. When a crossing is not inside that prefix (flat rows, u near 1 without top-p, top-k
-//   past the prefix), the general path runs:
+//   Likely rows first (head path): a head is the entries within some whole number of half nats of the maximum m,
+//   a prefix of the sorted order (a bound on x, not on e_i = expf(x_i - m): expf need not be monotonic). The pass
+//   that sums Z also counts the entries and their mass (16-bit fixed point) in half-nat bins down to m - 16; the
+//   smallest head that holds top-k's k entries, or enough mass for top-p's crossing (or, without top-p, the
+//   inverse CDF's), is taken when it has at most 2048 entries: a pass gathers it, a bitonic sort and one double
+//   prefix scan give top-k, top-p and the inverse CDF, 3 passes over the row in all. The scan checks that each
+//   crossing lies inside the head; when one does not, or no head qualifies (flat rows, u near 1 without
+//   top-p, a large k), the general path runs:
 //   the key of any rank comes from an 8 x 8-bit radix select (shared histograms, warp-aggregated atomics);
 //   the sorted order is walked in chunks of 1024 ranks: select the chunk's last key, gather the chunk's keys,
 //   bitonic-sort them in shared memory, double prefix scan of e_i, first crossing by a block min-reduction.
@@ -24,6 +25,7 @@ namespace {
 
 constexpr int kArgmaxThreads = 512;
 constexpr int kChunk = 1024;  // threads of the sample kernel = ranks walked per chunk
+constexpr int kHeadMax = 2 * kChunk;  // entries of the largest head (two per thread)
 constexpr unsigned kFull = 0xffffffffu;
 
 __device__ __forceinline__ bool better(float a, int ia, float b, int ib) {
@@ -155,13 +157,41 @@ __device__ __forceinline__ uint64_t make_key(float x, int i) {
 
 __device__ __forceinline__ int key_index(uint64_t k) { return static_cast<int>(~static_cast<uint32_t>(k)); }
 
+constexpr int kHeadBins = 32;          // half-nat bins of m - x: heads reach m - 16 at most
+constexpr float kHeadBinsPerNat = 2.f;
+constexpr float kMassUnit = 65536.f;   // bin masses in units of 2^-16: e <= 1, so a bin's sum fits 32 bits
+
 struct SampleShared {
-  uint64_t keys[kChunk];
-  double incl[kChunk];
+  uint64_t keys[kHeadMax];
+  double incl[kHeadMax];
   int hist[256];
   int counter;
   int sel, rem;
+  unsigned head_count[kHeadBins];
+  unsigned head_mass[kHeadBins];
 };
+
+// The head bin of scaled logit x (kHeadBins: none). Monotonic in x, so the entries of bins <= j are a prefix of the
+// sorted order; NaN goes nowhere.
+__device__ __forceinline__ int head_bin(float x, float m) {
+  const float d = (m - x) * kHeadBinsPerNat;
+  return d < static_cast<float>(kHeadBins) ? (d > 0.f ? static_cast<int>(d) : 0) : kHeadBins;
+}
+
+// The last bin of the smallest head that should hold the crossings: with top-k (kp < v), its kp entries; else
+// mass above `target` (p Z for top-p, u Z without it), counted with each entry's rounding error against it.
+// -1 when that head would exceed kHeadMax entries or none does. Every thread computes the same.
+__device__ int choose_head(const SampleShared& sh, int kp, int v, double target) {
+  unsigned count = 0;
+  double mass = 0.0;
+  for (int j = 0; j < kHeadBins; ++j) {
+    count += sh.head_count[j];
+    mass += static_cast<double>(sh.head_mass[j]) / kMassUnit;
+    if (count > static_cast<unsigned>(kHeadMax)) return -1;
+    if (kp < v ? count >= static_cast<unsigned>(kp) : mass - 0.5 * count / kMassUnit > target) return j;
+  }
+  return -1;
+}
 
 // Key of the rank-th largest key of the row (1-based rank <= v).
 template <typename T>
@@ -199,15 +229,17 @@ __device__ uint64_t select_key(const T* row, int v, float temp, int rank, Sample
   return prefix;
 }
 
-// Sorts sh.keys[0, n) descending (n a power of two <= kChunk); every thread of the block calls it.
+// Sorts sh.keys[0, n) descending (n a power of two <= kHeadMax); every thread of the block calls it.
 __device__ void bitonic_sort_desc(SampleShared& sh, int n) {
   for (int size = 2; size <= n; size <<= 1) {
     for (int j = size >> 1; j > 0; j >>= 1) {
-      const int i = threadIdx.x, ixj = i ^ j;
-      if (i < n && ixj > i) {
-        const uint64_t a = sh.keys[i], b = sh.keys[ixj];
-        const bool descending = (i & size) == 0;
-        if (descending ? a < b : a > b) { sh.keys[i] = b; sh.keys[ixj] = a; }
+      for (int i = threadIdx.x; i < n; i += blockDim.x) {  // the pairs of one step are disjoint
+        const int ixj = i ^ j;
+        if (ixj > i) {
+          const uint64_t a = sh.keys[i], b = sh.keys[ixj];
+          const bool descending = (i & size) == 0;
+          if (descending ? a < b : a > b) { sh.keys[i] = b; sh.keys[ixj] = a; }
+        }
       }
       __syncthreads();
     }
@@ -283,29 +315,43 @@ __device__ WalkResult walk(const T* row, int v, float temp, float m, int limit, 
   return r;
 }
 
-// Head path (see the top of the file): sh.keys[0, count) hold the keys with x > head_above (unsorted), z the mass
-// of the whole row. Returns the sampled index, or -1 when a crossing lies past the head (the general path then decides).
+// The first of entries j0 and j0 + 1 below `limit` whose inclusive mass exceeds thr (INT_MAX: neither).
+__device__ __forceinline__ int first_above(int j0, double inc0, double inc1, int limit, double thr) {
+  if (j0 < limit && inc0 > thr) return j0;
+  return j0 + 1 < limit && inc1 > thr ? j0 + 1 : INT_MAX;
+}
+
+// Head path (see the top of the file): sh.keys[0, count) hold the head's keys (unsorted), z the mass of the whole
+// row. Returns the sampled index, or -1 when a crossing lies past the head (the general path then decides).
 // Block-uniform arguments; every thread of the block calls it.
 template <typename T>
 __device__ int sample_head(const T* row, int v, float temp, float m, int kp, float p, float u, int count, double z,
                            SampleShared& sh) {
-  if (count > kChunk || (kp < v && kp > count)) return -1;
+  if (count > kHeadMax || (kp < v && kp > count)) return -1;
   const int n = min(kp, count);  // head entries inside the top-k set
   int n2 = 2;
   while (n2 < count) n2 <<= 1;
   bitonic_sort_desc(sh, n2);
-  const int j = threadIdx.x;
-  const double e = j < n ? static_cast<double>(expf(scaled(row, key_index(sh.keys[j]), temp) - m)) : 0.0;
-  const double inc = block_inclusive_scan(e);
-  sh.incl[j] = inc;
+  // inclusive masses in sorted order, entries j0 and j0 + 1 by thread j0 / 2: pair sums scanned over the block
+  const int j0 = 2 * static_cast<int>(threadIdx.x);
+  const auto e_at = [&](int j) {
+    return j < n ? static_cast<double>(expf(scaled(row, key_index(sh.keys[j]), temp) - m)) : 0.0;
+  };
+  const double e0 = e_at(j0), e1 = e_at(j0 + 1);
+  sh.incl[j0 + 1] = block_inclusive_scan(e0 + e1);
+  __syncthreads();
+  const double excl = j0 > 0 ? sh.incl[j0 - 1] : 0.0;
+  __syncthreads();  // every thread has read its predecessor's pair sum
+  const double inc0 = excl + e0, inc1 = inc0 + e1;
+  sh.incl[j0] = inc0;
+  sh.incl[j0 + 1] = inc1;
   __syncthreads();
   // top-k inside the head: its mass is the scan's; otherwise the whole row's.
   const double zk = kp < v ? sh.incl[kp - 1] : z;
   int kept = kp;  // entries kept by top-p, as a rank bound (> n: past the head)
   double mass = zk;
   if (p < 1.f) {
-    const double thr = static_cast<double>(p) * zk;
-    const int first = block_min_i(j < n && inc > thr ? j : INT_MAX);
+    const int first = block_min_i(first_above(j0, inc0, inc1, n, static_cast<double>(p) * zk));
     if (first != INT_MAX) {
       kept = first + 1;
       mass = sh.incl[first];
@@ -313,8 +359,7 @@ __device__ int sample_head(const T* row, int v, float temp, float m, int kp, flo
       return -1;
     }
   }
-  const double thr = static_cast<double>(u) * mass;
-  const int first = block_min_i(j < min(kept, n) && inc > thr ? j : INT_MAX);
+  const int first = block_min_i(first_above(j0, inc0, inc1, min(kept, n), static_cast<double>(u) * mass));
   if (first != INT_MAX) return key_index(sh.keys[first]);
   return kept <= n ? key_index(sh.keys[kept - 1]) : -1;
 }
@@ -333,38 +378,45 @@ __global__ void __launch_bounds__(kChunk) sample_kernel(int64_t* out, const T* l
     if (threadIdx.x == 0) out[b] = i;
     return;
   }
-  sh.keys[threadIdx.x] = 0;
+  for (int j = threadIdx.x; j < kHeadMax; j += blockDim.x) sh.keys[j] = 0;
   if (threadIdx.x == 0) sh.counter = 0;
+  if (threadIdx.x < kHeadBins) sh.head_count[threadIdx.x] = sh.head_mass[threadIdx.x] = 0;
   float mloc = -INFINITY;
   for (int i = threadIdx.x; i < v; i += blockDim.x) mloc = fmaxf(mloc, scaled(row, i, temp));
-  const float m = block_max(mloc);  // its barriers also order the resets above before the gathering below
+  const float m = block_max(mloc);  // its barriers also order the resets above before the atomics below
   const int k = top_k[b];
   const int kp = (k >= 1 && k < v) ? k : v;
-  const float p = top_p[b];
-  // Without top-p, a head of all but 1e-3 of the mass: the inverse CDF rarely lands past it.
-  const float head_above = m + logf((p < 1.f ? 1.f - p : 1e-3f) / static_cast<float>(v));
+  const float p = top_p[b], u = uniform[b];
   double zall = 0.0;
-  for (int base = 0; base < v; base += blockDim.x) {  // uniform trip count: the ballot needs the whole warp
-    const int i = base + static_cast<int>(threadIdx.x);
-    float x = 0.f;
-    if (i < v) {
-      x = scaled(row, i, temp);
-      zall += static_cast<double>(expf(x - m));
+  for (int i = threadIdx.x; i < v; i += blockDim.x) {
+    const float x = scaled(row, i, temp), e = expf(x - m);
+    zall += static_cast<double>(e);
+    const int bin = head_bin(x, m);
+    if (bin < kHeadBins) {
+      atomicAdd(&sh.head_count[bin], 1u);
+      atomicAdd(&sh.head_mass[bin], __float2uint_rn(e * kMassUnit));
     }
-    const bool head = i < v && x > head_above;
-    const unsigned votes = __ballot_sync(kFull, head);
-    const int lane = static_cast<int>(threadIdx.x & 31);
-    int slot = 0;
-    if (lane == 0 && votes) slot = atomicAdd(&sh.counter, __popc(votes));
-    slot = __shfl_sync(kFull, slot, 0) + __popc(votes & ((1u << lane) - 1u));
-    if (head && slot < kChunk) sh.keys[slot] = make_key(x, i);
   }
-  const double z = block_sum_d(zall);  // its barriers make the gathered keys and the count visible
-  const int count = sh.counter;
-  const int fast = sample_head(row, v, temp, m, kp, p, uniform[b], count, z, sh);
-  if (fast >= 0) {
-    if (threadIdx.x == 0) out[b] = fast < v ? fast : 0;
-    return;
+  const double z = block_sum_d(zall);  // its barriers make the bins visible
+  const int last_bin = choose_head(sh, kp, v, static_cast<double>(p < 1.f ? p : u) * z);
+  if (last_bin >= 0) {
+    for (int base = 0; base < v; base += blockDim.x) {  // uniform trip count: the ballot needs the whole warp
+      const int i = base + static_cast<int>(threadIdx.x);
+      const float x = i < v ? scaled(row, i, temp) : 0.f;
+      const bool in_head = i < v && head_bin(x, m) <= last_bin;
+      const unsigned votes = __ballot_sync(kFull, in_head);
+      const int lane = static_cast<int>(threadIdx.x & 31);
+      int slot = 0;
+      if (lane == 0 && votes) slot = atomicAdd(&sh.counter, __popc(votes));
+      slot = __shfl_sync(kFull, slot, 0) + __popc(votes & ((1u << lane) - 1u));
+      if (in_head && slot < kHeadMax) sh.keys[slot] = make_key(x, i);
+    }
+    __syncthreads();
+    const int fast = sample_head(row, v, temp, m, kp, p, u, sh.counter, z, sh);
+    if (fast >= 0) {
+      if (threadIdx.x == 0) out[b] = fast < v ? fast : 0;
+      return;
+    }
   }
   double zloc = 0.0;
   if (kp < v) {
@@ -382,7 +434,7 @@ __global__ void __launch_bounds__(kChunk) sample_kernel(int64_t* out, const T* l
     kept = r.count;
     mass = r.mass;
   }
-  const WalkResult r = walk(row, v, temp, m, kept, static_cast<double>(uniform[b]) * mass, true, sh);
+  const WalkResult r = walk(row, v, temp, m, kept, static_cast<double>(u) * mass, true, sh);
   if (threadIdx.x == 0) out[b] = (r.index >= 0 && r.index < v) ? r.index : 0;
 }
 
