@@ -3,6 +3,7 @@
 // Shapes: T tokens (packed over the batch), B sequences, S cache capacity, Hq / Hkv query / key-value
 // heads, D head_dim, K in-features, N out-features, V vocabulary.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 #include <torch/library.h>
 
 #include "codellama/linear.h"
@@ -90,7 +91,16 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("with_cuda") = false;
 #endif
-  // CPU GEMV / fp32-block GEMM crossovers (codellama/linear.h), for the tests and tools/bench_gemv_crossover.py
-  m.attr("cpu_gemv_max_rows") = codellama::kCpuGemvMaxRows;
-  m.attr("cpu_int8_gemv_max_rows") = codellama::kCpuInt8GemvMaxRows;
+  // CPU GEMV / GEMM crossovers on this CPU (codellama/linear.h), for the tests and tools/bench_gemv_crossover.py
+  m.def(
+      "cpu_gemv_max_rows",
+      [](const std::string& dtype, bool int8) {
+        if (dtype == "bfloat16") return codellama::bind::cpu_gemv_max_rows(at::kBFloat16, int8);
+        if (dtype == "float16") return codellama::bind::cpu_gemv_max_rows(at::kHalf, int8);
+        if (dtype == "float32") return codellama::bind::cpu_gemv_max_rows(at::kFloat, int8);
+        throw std::invalid_argument("dtype must be 'bfloat16', 'float16' or 'float32', got '" + dtype + "'");
+      },
+      "The most activation rows of `dtype` ('bfloat16', 'float16', 'float32') that take the CPU GEMV on this CPU, "
+      "for int8 weights or weights in that dtype (more rows: a GEMM)",
+      pybind11::arg("dtype"), pybind11::arg("int8"));
 }

@@ -1,8 +1,8 @@
 """linear, quantize_int8 and linear_int8 against codellama_ext.reference, on every device.
 
 Few rows run our GEMV kernels, more a GEMM path (at::matmul; on CPU fp32 sgemm on converted blocks of W for int8
-and, without native bf16/fp16 matmul, 16-bit weights): the row sweep covers both sides of each threshold (8, and
-on CPU _C.cpu_gemv_max_rows / _C.cpu_int8_gemv_max_rows; codellama/linear.h)."""
+and, without native bf16/fp16 matmul, 16-bit weights; with AMX, oneDNN on bf16 blocks): the row sweep covers both
+sides of each threshold (8, and on CPU _C.cpu_gemv_max_rows for each dtype; codellama/linear.h)."""
 
 import os
 import subprocess
@@ -15,8 +15,8 @@ import torch
 from codellama_ext import _C, ops, reference
 from conftest import DTYPES, assert_close_to_baseline
 
-ROWS = sorted({1, 2, 5, 8, 9, _C.cpu_gemv_max_rows, _C.cpu_gemv_max_rows + 1, _C.cpu_int8_gemv_max_rows,
-               _C.cpu_int8_gemv_max_rows + 1})
+CPU_LIMITS = {_C.cpu_gemv_max_rows(str(dtype)[6:], int8) for dtype in DTYPES for int8 in (False, True)}
+ROWS = sorted({1, 2, 5, 8, 9} | CPU_LIMITS | {limit + 1 for limit in CPU_LIMITS})
 # (N, K): odd tails, a CodeLlama-7B width (4096), the FFN width 11008 on either side (down_proj-like K, and N).
 SHAPES = [(11, 64), (127, 129), (256, 4096), (512, 11008), (11008, 128)]
 
@@ -294,7 +294,7 @@ def test_linear_opcheck(m):
 def test_gemv_crossover_tool_runs(weights):
     """tools/bench_gemv_crossover.py (the thresholds' measurement) on a tiny shape, so it cannot rot."""
     root = Path(__file__).resolve().parent.parent
-    limit = _C.cpu_int8_gemv_max_rows if weights == "int8" else _C.cpu_gemv_max_rows
+    limit = _C.cpu_gemv_max_rows("bfloat16", weights == "int8")
     run = subprocess.run([sys.executable, str(root / "tools" / "bench_gemv_crossover.py"), "--weights", weights,
                           "--shape", "64", "48", "--rows", "1", str(limit + 2), "--rounds", "1"],
                          capture_output=True, text=True, timeout=300,

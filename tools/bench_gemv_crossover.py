@@ -1,12 +1,12 @@
-"""CPU: our GEMV against the fp32-block GEMM over a range of activation rows, for 16-bit and int8 weights.
+"""CPU: our GEMV against the GEMM path over a range of activation rows, for bf16 and int8 weights (bf16 x).
 
-`linear` / `linear_int8` on CPU run our GEMV up to a number of rows (_C.cpu_gemv_max_rows for 16-bit weights
-without a native matmul, _C.cpu_int8_gemv_max_rows for int8) and the fp32-block GEMM above it
-(codellama/linear.h; 16-bit weights only on CPUs without AVX512-BF16 / AMX, elsewhere oneDNN takes them above
-8 rows and this comparison does not apply). This measures both paths at each row count M, so the thresholds can
-be re-checked on another CPU: GEMV at M rows is M rows fed in calls of at most the threshold; blocks at
-M <= threshold are timed at threshold + 1 rows (their cost hardly moves with M there; marked `*`). The two alternate for
---rounds rounds (this machine's speed drifts minute to minute); each round keeps the best of 3 calls; medians.
+`linear` / `linear_int8` on CPU run our GEMV up to a number of rows (on this CPU: _C.cpu_gemv_max_rows) and a
+GEMM above it (codellama/linear.h: fp32 sgemm on converted blocks of W where the CPU has no native
+bf16 matmul; oneDNN, on bf16 blocks for int8 weights, with AMX-BF16; oneDNN above 8 rows with AVX512-BF16 alone).
+This measures both paths at each row count M, so the thresholds can be re-checked on another CPU: GEMV at M rows is
+M rows fed in calls of at most the threshold; the GEMM at M <= threshold is timed at threshold + 1 rows (its cost
+hardly moves with M there; marked `*`). The two alternate for --rounds rounds (this machine's speed drifts minute
+to minute); each round keeps the best of 3 calls; medians.
 
     PYTHONPATH=. python tools/bench_gemv_crossover.py --weights int8 --shape 4096 11008 --rows 32 64 96 128
 """
@@ -43,30 +43,31 @@ def main():
     torch.manual_seed(0)
     k, n = args.shape
     w = torch.randn(n, k, dtype=torch.bfloat16) / k ** 0.5
-    if args.weights == "int8":
-        q, s = ops.quantize_int8(w, args.group)
-        linear, limit = (lambda x: ops.linear_int8(x, q, s)), _C.cpu_int8_gemv_max_rows
-    else:
-        linear, limit = (lambda x: ops.linear(x, w)), _C.cpu_gemv_max_rows
+    int8 = args.weights == "int8"
+    q, s = ops.quantize_int8(w, args.group) if int8 else (None, None)
+
+    def linear(x):
+        return ops.linear_int8(x, q, s) if int8 else ops.linear(x, w)
+    limit = _C.cpu_gemv_max_rows("bfloat16", int8)
 
     def gemv(x):
         return torch.cat([linear(c) for c in x.split(limit)])
 
-    def blocks(x):
+    def gemm(x):
         pad = limit + 1 - x.shape[0]
         return linear(torch.cat([x, x.new_zeros(pad, k)]) if pad > 0 else x)
 
-    print(f"# GEMV vs fp32 blocks on cpu: {torch.get_num_threads()} threads, torch {torch.__version__}, "
+    print(f"# GEMV vs GEMM on cpu: {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"{datetime.date.today()}; {args.weights} weights {k} -> {n}"
           f"{f' (group {args.group})' if args.weights == 'int8' else ''}, bf16 x, shipped threshold {limit} rows")
-    print("| rows | GEMV (ms) | blocks (ms) | GEMV / blocks (median of rounds) |")
+    print("| rows | GEMV (ms) | GEMM (ms) | GEMV / GEMM (median of rounds) |")
     print("|---|---|---|---|")
     for m in args.rows:
         x = torch.randn(m, k, dtype=torch.bfloat16)
         a, b = [], []
         for _ in range(args.rounds):
             a.append(best_of(gemv, x))
-            b.append(best_of(blocks, x))
+            b.append(best_of(gemm, x))
         ratio = statistics.median(i / j for i, j in zip(a, b))
         star = "*" if m <= limit else ""
         print(f"| {m} | {statistics.median(a) * 1e3:.1f} | {statistics.median(b) * 1e3:.1f}{star} | {ratio:.2f} |",

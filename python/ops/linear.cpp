@@ -10,8 +10,11 @@
 //                     AVX512-BF16 / AVX512-FP16 / AMX; e.g. the 2-core AVX2 EPYC of benchmarks/RESULTS.md), use
 //                     our GEMV (8 rows per pass over W) up to kCpuGemvMaxRows (48) rows, kCpuInt8GemvMaxRows (64)
 //                     for int8; above, W is converted to fp32 a block of rows at a time and multiplied by fp32
-//                     sgemm (cpu_gemm_fp32_blocks below).
+//                     sgemm (cpu_gemm_blocks below).
 //                     There oneDNN's bf16 matmul measured 5.3x slower than that at M = 128.
+//   Exception, CPU with AMX-BF16 and bf16 x: oneDNN's GEMM above kCpuAmxGemvMaxRows (4) rows, and int8 weights
+//                     above kCpuAmxInt8GemvMaxRows (12), dequantised to bf16 a block of rows at a time for it.
+//   cpu_gemv_max_rows holds these thresholds.
 // Every path accumulates in fp32 and rounds once to x's dtype (cuBLAS/oneDNN reduced-precision GEMMs
 // accumulate in fp32 by default).
 #include "codellama/linear.h"
@@ -28,42 +31,54 @@
 namespace codellama::bind {
 namespace {
 
-// Whether this CPU multiplies dt natively (x86: AVX512-BF16 / AMX-BF16, AVX512-FP16 / AMX-FP16, from cpuid;
-// torch 2.14 no longer exports its own checks). Other architectures: assumed native, at::matmul decides.
-bool cpu_has_native_matmul(at::ScalarType dt) {
+// What this CPU multiplies natively (x86, from cpuid; torch 2.14 no longer exports its own checks): bf16 with
+// AVX512-BF16 or AMX-BF16, fp16 with AVX512-FP16 or AMX-FP16. Other architectures: assumed native (at::matmul
+// decides), no AMX.
+struct CpuMatmul {
+  bool bf16 = true, fp16 = true;
+  bool amx_bf16 = false;  // oneDNN's bf16 GEMM on AMX tiles: 1.34 TFLOP/s at M = 128 on 2 Xeon cores (RESULTS.md)
+};
+
+const CpuMatmul& cpu_matmul() {
+  static const CpuMatmul features = [] {
+    CpuMatmul f;
 #if defined(__x86_64__) || defined(__i386__)
-  static const auto flags = [] {
     unsigned a0 = 0, b0 = 0, c0 = 0, d0 = 0, a1 = 0, b1 = 0, c1 = 0, d1 = 0;
     __get_cpuid_count(7, 0, &a0, &b0, &c0, &d0);
     __get_cpuid_count(7, 1, &a1, &b1, &c1, &d1);
-    const bool bf16 = (a1 >> 5 & 1) || (d0 >> 22 & 1);  // AVX512_BF16, AMX-BF16
-    const bool fp16 = (d0 >> 23 & 1) || (a1 >> 21 & 1);  // AVX512_FP16, AMX-FP16
-    return std::pair<bool, bool>{bf16, fp16};
-  }();
-  if (dt == at::kBFloat16) return flags.first;
-  if (dt == at::kHalf) return flags.second;
+    f.amx_bf16 = d0 >> 22 & 1;
+    f.bf16 = (a1 >> 5 & 1) || f.amx_bf16;        // AVX512_BF16, AMX-BF16
+    f.fp16 = (d0 >> 23 & 1) || (a1 >> 21 & 1);  // AVX512_FP16, AMX-FP16
 #endif
+    return f;
+  }();
+  return features;
+}
+
+bool cpu_has_native_matmul(at::ScalarType dt) {
+  if (dt == at::kBFloat16) return cpu_matmul().bf16;
+  if (dt == at::kHalf) return cpu_matmul().fp16;
   return true;
 }
 
-// x2 [M, K] (CPU) times W^T, W [N, K] given block-wise: fill(block [n, K] float32, n0, n) writes rows n0 .. n0+n
-// of W in fp32. Blocks of ~4 MiB stay in cache between the conversion and the sgemm that reads them. -> [M, N]
-// in x2's dtype (one rounding of the fp32 sums).
+// x2 [M, K] (CPU) times W^T, W [N, K] given block-wise in `dt`: fill(block [n, K], n0, n) writes rows n0 .. n0+n
+// of W. Blocks of 4 MiB stay in cache between the fill and the GEMM that reads them. -> [M, N] in x2's dtype: the
+// GEMM (fp32 sgemm, or oneDNN's bf16 GEMM with fp32 sums) rounds once to dt, and dt is fp32 or x2's.
 template <typename Fill>
-at::Tensor cpu_gemm_fp32_blocks(const at::Tensor& x2, int64_t N, const Fill& fill) {
+at::Tensor cpu_gemm_blocks(const at::Tensor& x2, int64_t N, at::ScalarType dt, const Fill& fill) {
   const int64_t M = x2.size(0), K = x2.size(1);
-  const at::Tensor xf = x2.to(at::kFloat);
-  at::Tensor yf = at::empty({M, N}, xf.options());
-  const int64_t block = std::min(N, std::max<int64_t>(16, (int64_t{1} << 20) / K));
-  at::Tensor wf = at::empty({block, K}, xf.options());
+  const at::Tensor xb = x2.to(dt);
+  at::Tensor yb = at::empty({M, N}, xb.options());
+  const int64_t block = std::min(N, std::max<int64_t>(16, (int64_t{4} << 20) / (K * xb.element_size())));
+  at::Tensor wb = at::empty({block, K}, xb.options());
   for (int64_t n0 = 0; n0 < N; n0 += block) {
     const int64_t n = std::min(block, N - n0);
-    at::Tensor w = wf.narrow(0, 0, n);
+    at::Tensor w = wb.narrow(0, 0, n);
     fill(w, n0, n);
-    at::Tensor y = yf.narrow(1, n0, n);  // row stride N: sgemm writes it in place (ldc = N)
-    at::mm_out(y, xf, w.t());
+    at::Tensor y = yb.narrow(1, n0, n);  // row stride N: the GEMM writes it in place (ldc = N)
+    at::mm_out(y, xb, w.t());
   }
-  return yf.to(x2.scalar_type());
+  return yb.to(x2.scalar_type());
 }
 
 // x [..., K] -> [M, K] with a contiguous last dim (a view when possible).
@@ -117,6 +132,13 @@ void check_int8_args(const char* op, const at::Tensor& x, const at::Tensor& qwei
 
 }  // namespace
 
+int64_t cpu_gemv_max_rows(at::ScalarType dt, bool int8) {
+  const bool amx = dt == at::kBFloat16 && cpu_matmul().amx_bf16;
+  if (int8) return amx ? kCpuAmxInt8GemvMaxRows : kCpuInt8GemvMaxRows;
+  if (!cpu_has_native_matmul(dt)) return kCpuGemvMaxRows;
+  return amx ? kCpuAmxGemvMaxRows : kGemvMaxRows;
+}
+
 // x [..., K], weight [N, K] -> [..., N]
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight) {
   const char* op = "linear";
@@ -125,9 +147,9 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight) {
   const at::Tensor x2 = rows_of(x, K);
   const int64_t M = x2.size(0);
   const bool cpu_blocks = !x.is_cuda() && !cpu_has_native_matmul(x.scalar_type());
-  if (M > (x.is_cuda() ? cuda_gemv_max_rows(false) : cpu_blocks ? kCpuGemvMaxRows : kGemvMaxRows)) {
+  if (M > (x.is_cuda() ? cuda_gemv_max_rows(false) : cpu_gemv_max_rows(x.scalar_type(), false))) {
     if (cpu_blocks) {
-      return cpu_gemm_fp32_blocks(x2, N, [&](at::Tensor& w, int64_t n0, int64_t n) {
+      return cpu_gemm_blocks(x2, N, at::kFloat, [&](at::Tensor& w, int64_t n0, int64_t n) {
         w.copy_(weight.narrow(0, n0, n));
       }).view(out_shape(x, N));
     }
@@ -200,11 +222,13 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qweight, const at:
 #endif
     return at::matmul(x2, w.t()).view(out_shape(x, N));
   }
-  if (M > kCpuInt8GemvMaxRows && !x.is_cuda()) {
+  if (!x.is_cuda() && M > cpu_gemv_max_rows(x.scalar_type(), true)) {
+    // GEMM: blocks of W dequantised to bf16 for AMX (into x's dtype, as on CUDA), else to fp32 for sgemm
     const int8_t* q = qweight.data_ptr<int8_t>();
     const float* s = scales.data_ptr<float>();
-    return cpu_gemm_fp32_blocks(x2, N, [&](at::Tensor& w, int64_t n0, int64_t n) {
-      cpu::dequantize_int8(DType::kFloat32, w.data_ptr(), q + n0 * K, s + n0 * G, n, K, G);
+    const bool amx = x.scalar_type() == at::kBFloat16 && cpu_matmul().amx_bf16;
+    return cpu_gemm_blocks(x2, N, amx ? at::kBFloat16 : at::kFloat, [&](at::Tensor& w, int64_t n0, int64_t n) {
+      cpu::dequantize_int8(amx ? DType::kBFloat16 : DType::kFloat32, w.data_ptr(), q + n0 * K, s + n0 * G, n, K, G);
     }).view(out_shape(x, N));
   }
   // GEMV: CUDA for M <= 8; CPU for the remaining M (see the dispatch rule above)

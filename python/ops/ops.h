@@ -45,6 +45,9 @@ class IndexValuesChecked {
 at::Tensor silu_and_mul(const at::Tensor& x);
 
 // linear.cpp
+// The most rows of x in dtype dt that take our CPU GEMV (more: a GEMM), for int8 weights or weights in dt, on this
+// CPU (the dispatch rule of codellama/linear.h).
+int64_t cpu_gemv_max_rows(at::ScalarType dt, bool int8);
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight);
 std::tuple<at::Tensor, at::Tensor> quantize_int8(const at::Tensor& weight, int64_t group_size);
 at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales);

@@ -21,6 +21,8 @@
 //                          Exceptions: on CPU, int8 weights, and 16-bit ones where the CPU has no native
 //                          bf16/fp16 matmul, use the GEMV up to kCpuGemvMaxRows (48) rows (int8:
 //                          kCpuInt8GemvMaxRows, 64) and above it fp32 sgemm on blocks of W converted to fp32;
+//                          on a CPU with AMX-BF16, bf16 x takes oneDNN above kCpuAmxGemvMaxRows (4) rows, with
+//                          int8 weights above kCpuAmxInt8GemvMaxRows (12) on blocks dequantised to bf16;
 //                          unquantised weights on CUDA use the GEMV for M <= kCudaGemvMaxRows (1) only. The
 //                          binding (python/ops/linear.cpp) has the details.
 // The GEMV kernels accept any M (the CPU ones process rows in chunks of 8), but are tuned for M <= 8.
@@ -43,6 +45,13 @@ constexpr int64_t kCudaGemvMaxRows = 1;
 // largest count with no run behind; int8: 64, kept below the ~96-128 tie with a margin for this VM's noise.
 constexpr int64_t kCpuGemvMaxRows = 48;
 constexpr int64_t kCpuInt8GemvMaxRows = 64;
+// CPU with AMX-BF16, bf16 x: oneDNN's bf16 GEMM reads W at the memory bandwidth up to at least 16 rows, while our
+// GEMV (AVX2 FMAs) turns compute-bound past 4. 2-core Xeon with AMX, W cycled through more than the L3 (2048 ->
+// 5632 and 4096 -> 11008): GEMV / oneDNN time 0.86 and 1.07 at 4 rows, 1.33 and 1.38 at 6, 1.53 and 1.57 at 8.
+// int8 W: the GEMM on blocks dequantised to bf16 costs about the same from 13 to 32 rows (2.0-2.4 ms, 7.4-8.4 ms),
+// the GEMV 1.9 and 7.4 ms at 12 rows (benchmarks/RESULTS.md, session 16).
+constexpr int64_t kCpuAmxGemvMaxRows = 4;
+constexpr int64_t kCpuAmxInt8GemvMaxRows = 12;
 
 namespace cpu {
 // y [M, N] contiguous; x [M, K] rows of stride x_stride (elements), last dim contiguous; w [N, K] contiguous.
