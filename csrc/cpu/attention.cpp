@@ -10,6 +10,7 @@
 #include <limits>
 #include <vector>
 
+#include "attention_amx.h"
 #include "vec.h"
 
 namespace codellama::cpu {
@@ -361,6 +362,10 @@ void kv_cache_append(DType dt, const KVCache& cache, HeadsView k, HeadsView v, c
 void attention_prefill(DType dt, void* out, HeadsView q, int64_t tokens, int64_t q_heads, const KVCache& cache,
                        const int32_t* cu_seqlens, const int32_t* start_pos, const int32_t* slots, int64_t batch,
                        float scale) {
+  if (dt == DType::kBFloat16 &&
+      attention_prefill_amx(out, q, tokens, q_heads, cache, cu_seqlens, start_pos, slots, batch, scale)) {
+    return;  // on AMX tiles (attention_amx.cpp)
+  }
   const int64_t Hkv = cache.kv_heads, D = cache.head_dim, G = q_heads / Hkv, S = cache.capacity;
   // tasks: blocks of up to row_block consecutive tokens of one sequence, times kv heads
   const int64_t row_block = std::clamp(kTaskQueries / std::max<int64_t>(G, 1), kMinRowBlock, kMaxRowBlock);
