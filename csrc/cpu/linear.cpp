@@ -4,8 +4,10 @@
 //
 // The kernel is memory-bound: every weight row is read from memory once (per chunk of 8 activation rows) and
 // dotted with all M activation rows, which are converted once up front and stay in L1/L2. R weight rows are
-// streamed together (R * M independent 8-lane accumulators, at most 8; int8 weights against one 16-bit row go one
-// weight row at a time, dot_row_seq), rows of W are split over threads.
+// streamed together (R * M independent 8-lane accumulators, at most 8), rows of W are split over threads. (One
+// weight row at a time, for int8 weights and one activation row, read 1.01-1.11x faster on the 2-core Zen 3 of
+// earlier sessions, but decoded a 1.1B-shaped int8 model 1.19x slower on the 2-core Xeon of session 16:
+// benchmarks/RESULTS.md. One path serves both.)
 // Activations in fp32 for 16-bit and fp32 weights, and for int8 weights with fp32 activations: int8 is widened
 // int8 -> int32 -> fp32 and multiplied by its group's scale before the FMA.
 // int8 weights with 16-bit activations (AVX2, K a multiple of 16, groups of whole 128-column blocks): x is held
@@ -212,39 +214,6 @@ inline void dot_rows(float* out, const int8_t* w, const float* scales, int64_t K
     for (int m = 0; m < M; ++m) out[r * M + m] += hsum(tot[r][m]);
 }
 
-// The same dot for one activation row (decode at batch 1), one weight row at a time from its first column to its
-// last, so a thread's block of rows (contiguous in W) is read as one sequential stream, with a prefetch
-// kSeqPrefetch bytes ahead. Out of DRAM (a 1.1B-shaped model's linears in decode order, 1.04 GB) this read int8 at
-// 0.90-0.99x the time of the 4-row interleave above in seven paired runs (22-25 GB/s against a plain read's
-// 28-31), best at 4 KiB ahead (1 KiB: 0.99-1.00, 2-3 KiB: 0.93-0.97, 16-32 KiB: 0.99-1.01); 16-bit weights
-// measured 1.04-1.27x slower this way (benchmarks/RESULTS.md), so they keep the interleave. The loop is short on
-// purpose: a test of a global per cache line in it made it 1.06-1.10x slower than the interleave.
-constexpr int64_t kSeqPrefetch = 4096;
-
-inline float dot_row_seq(const int8_t* w, const float* scales, int64_t K, int64_t G, const XInt16& x) {
-  const int64_t gs = K / G;
-  const auto madd16 = [&](int64_t k) {  // 16 int8 x int16 products, summed in pairs -> 8 int32 lanes
-    return _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k))),
-                             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + k)));
-  };
-  vec8 tot = zero8();
-  for (int64_t b = 0; b * kXBlock < K; ++b) {
-    const int64_t k0 = b * kXBlock, k1 = std::min(K, k0 + kXBlock);
-    __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
-    int64_t k = k0;
-    for (; k + 64 <= k1; k += 64) {
-      prefetch(w + k + kSeqPrefetch);
-      a0 = _mm256_add_epi32(a0, madd16(k));
-      a1 = _mm256_add_epi32(a1, madd16(k + 16));
-      a0 = _mm256_add_epi32(a0, madd16(k + 32));
-      a1 = _mm256_add_epi32(a1, madd16(k + 48));
-    }
-    for (; k < k1; k += 16) a0 = _mm256_add_epi32(a0, madd16(k));
-    const float s = scales[G == 1 ? 0 : k0 / gs] * x.s[b];
-    tot = fmadd(_mm256_cvtepi32_ps(_mm256_add_epi32(a0, a1)), set1(s), tot);
-  }
-  return hsum(tot);
-}
 #endif
 
 // Rows [n0, n1) of y for M (compile-time) activation rows, in tiles of kTile weight rows. Few activation rows
@@ -256,12 +225,6 @@ inline float dot_row_seq(const int8_t* w, const float* scales, int64_t K, int64_
 template <int M, bool kScaled, typename W, typename T, typename X>
 void gemv_rows(T* y, int64_t ldy, const W* w, const float* scales, const X& x, int64_t n0, int64_t n1,
                int64_t K, int64_t G) {
-#ifdef CODELLAMA_AVX2
-  if constexpr (M == 1 && std::is_same_v<X, XInt16>) {
-    for (int64_t n = n0; n < n1; ++n) y[n] = from_float<T>(dot_row_seq(w + n * K, scales + n * G, K, G, x));
-    return;
-  }
-#endif
   // R * M <= 8 accumulators (4 when the int8 scale is deferred, which doubles them).
   constexpr int R = kScaled ? (M == 1 ? 4 : M == 2 ? 2 : 1) : (M <= 2 ? 4 : M <= 4 ? 2 : 1);
   constexpr int kTile = 8;
