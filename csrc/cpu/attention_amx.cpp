@@ -110,14 +110,27 @@ struct alignas(64) TaskScratch {
   BFloat16 p[kRows][kBlock];
   float pv[kRows][16];
   float o[kRows][D];
-  float m[kRows], l[kRows], alpha[kRows];
+  float l[kRows][16];  // per row, the sum of its probabilities in 16 lanes (added up at the end)
+  float m[kRows], alpha[kRows];
 };
 
-// exp(x) for x <= 0 on 16 lanes: vec.h's 8-lane one on each half, the rounding of the AVX2 kernel.
+// vec.h's exp8_nonpositive on 16 lanes: the same operations per lane, so the same bits as the AVX2 kernel's.
 inline __m512 exp16_nonpositive(__m512 x) {
-  const __m256 lo = exp8_nonpositive(_mm512_castps512_ps256(x));
-  const __m256 hi = exp8_nonpositive(_mm512_extractf32x8_ps(x, 1));
-  return _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1);
+  const __mmask16 below = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpFloor), _CMP_LT_OQ);
+  x = _mm512_max_ps(_mm512_set1_ps(kExpFloor), x);
+  const __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500E-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507E-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073E-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894E-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459E-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201E-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  const __m512i pow2 = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)), 23);
+  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~below), _mm512_mul_ps(y, _mm512_castsi512_ps(pow2)));
 }
 
 // Online softmax of key block kb for row i, whose last visible key is `last`: scores from w.s, probabilities
@@ -137,13 +150,15 @@ void softmax_row(TaskScratch<D>& w, int i, int64_t kb, int64_t last, float scale
   const __m512 ninf = _mm512_set1_ps(-INFINITY);
   __m512 s0 = _mm512_mul_ps(_mm512_load_ps(w.s[i]), _mm512_set1_ps(scale));
   __m512 s1 = _mm512_mul_ps(_mm512_load_ps(w.s[i] + 16), _mm512_set1_ps(scale));
-  s0 = _mm512_mask_mov_ps(s0, _mm512_cmpgt_epi32_mask(key0, lim), ninf);
-  s1 = _mm512_mask_mov_ps(s1, _mm512_cmpgt_epi32_mask(key1, lim), ninf);
+  if (kb * kBlock + kBlock - 1 > last) {  // the block crosses the row's diagonal
+    s0 = _mm512_mask_mov_ps(s0, _mm512_cmpgt_epi32_mask(key0, lim), ninf);
+    s1 = _mm512_mask_mov_ps(s1, _mm512_cmpgt_epi32_mask(key1, lim), ninf);
+  }
   const float mx = std::max(w.m[i], _mm512_reduce_max_ps(_mm512_max_ps(s0, s1)));
   const __m512 vmx = _mm512_set1_ps(mx);
   const __m512 p0 = exp16_nonpositive(_mm512_sub_ps(s0, vmx)), p1 = exp16_nonpositive(_mm512_sub_ps(s1, vmx));
   const float alpha = w.m[i] == mx ? 1.f : _mm512_cvtss_f32(exp16_nonpositive(_mm512_set1_ps(w.m[i] - mx)));
-  w.l[i] = w.l[i] * alpha + _mm512_reduce_add_ps(_mm512_add_ps(p0, p1));
+  _mm512_store_ps(w.l[i], _mm512_fmadd_ps(_mm512_load_ps(w.l[i]), _mm512_set1_ps(alpha), _mm512_add_ps(p0, p1)));
   w.m[i] = mx;
   w.alpha[i] = alpha;
   _mm512_store_si512(w.p[i], (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
@@ -171,7 +186,7 @@ void attend(BFloat16* out, int64_t out_rs, const BFloat16* q, int64_t q_rs, int 
     }
     std::memset(w.o[i], 0, sizeof w.o[i]);
     w.m[i] = -INFINITY;
-    w.l[i] = 0.f;
+    std::memset(w.l[i], 0, sizeof w.l[i]);
   }
   _tile_loadd(0, &w.q[0][0], D * 2);
   _tile_loadd(1, &w.q[0][32], D * 2);
@@ -205,7 +220,7 @@ void attend(BFloat16* out, int64_t out_rs, const BFloat16* q, int64_t q_rs, int 
     }
   }
   for (int i = 0; i < rows; ++i) {
-    const __m512 inv_l = _mm512_set1_ps(w.l[i]);
+    const __m512 inv_l = _mm512_set1_ps(_mm512_reduce_add_ps(_mm512_load_ps(w.l[i])));
     for (int d = 0; d < D; d += 16) {
       const __m256bh r = _mm512_cvtneps_pbh(_mm512_div_ps(_mm512_load_ps(w.o[i] + d), inv_l));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i * out_rs + d), (__m256i)r);
