@@ -74,20 +74,49 @@ void configure_tiles() {
   _tile_loadconfig(&cfg);
 }
 
+// Transposes 16 x 16 dwords in place: rows[i] lane j <- rows[j] lane i.
+inline void transpose16x16(__m512i (&rows)[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {  // dword pairs: t[i] = (a0 b0 a1 b1 | ...), per 128-bit lane
+    t[i] = _mm512_unpacklo_epi32(rows[i], rows[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(rows[i], rows[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // qword pairs: 4 rows' dwords per 128-bit lane
+    rows[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    rows[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    rows[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    rows[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  // rows[4g + j] holds, in 128-bit lane l, column 4l + j of source rows 4g .. 4g+3; gather the 4 groups' lanes
+  const __m512i lo = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0), hi = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
+  for (int j = 0; j < 4; ++j) {
+    const __m512i a = _mm512_permutex2var_epi64(rows[j], lo, rows[4 + j]);   // lanes (g0 l0, g1 l0, g0 l1, g1 l1)
+    const __m512i b = _mm512_permutex2var_epi64(rows[j], hi, rows[4 + j]);   // (g0 l2, g1 l2, g0 l3, g1 l3)
+    const __m512i c = _mm512_permutex2var_epi64(rows[8 + j], lo, rows[12 + j]);
+    const __m512i d = _mm512_permutex2var_epi64(rows[8 + j], hi, rows[12 + j]);
+    t[j] = _mm512_shuffle_i64x2(a, c, 0x44);        // l0: g0 g1 g2 g3
+    t[4 + j] = _mm512_shuffle_i64x2(a, c, 0xee);    // l1
+    t[8 + j] = _mm512_shuffle_i64x2(b, d, 0x44);    // l2
+    t[12 + j] = _mm512_shuffle_i64x2(b, d, 0xee);   // l3
+  }
+  for (int i = 0; i < 16; ++i) rows[i] = t[i];
+}
+
 // Keys [0, L) of one kv head (rows rs elements apart) in the B layouts, padded with zeros to lpad (a multiple of
 // kBlock) keys. kt: per 16 keys and 32 dims a tile, row r = dims (2r, 2r + 1) of the 16 keys. vt: per 32 keys and
 // 16 dims a tile, row r = keys (2r, 2r + 1) of the 16 dims.
 void to_tile_layout(uint32_t* kt, uint32_t* vt, const BFloat16* k, const BFloat16* v, int64_t rs, int64_t L,
                     int64_t lpad, int D) {
   const int kchunks = D / 32, vchunks = D / 16;
-  for (int64_t key = 0; key < lpad; ++key) {
-    uint32_t* dst = kt + (key / 16) * kchunks * kTileDwords + key % 16;
+  for (int64_t k0 = 0; k0 < lpad; k0 += 16) {
     for (int dc = 0; dc < kchunks; ++dc) {
-      for (int r = 0; r < 16; ++r) {
-        uint32_t pair = 0;
-        if (key < L) std::memcpy(&pair, k + key * rs + dc * 32 + 2 * r, sizeof pair);
-        dst[dc * kTileDwords + r * 16] = pair;
+      __m512i rows[16];  // 16 keys' dims dc*32 .. dc*32+31 as 16 pairs each, then transposed
+      for (int c = 0; c < 16; ++c) {
+        rows[c] = k0 + c < L ? _mm512_loadu_si512(k + (k0 + c) * rs + dc * 32) : _mm512_setzero_si512();
       }
+      transpose16x16(rows);
+      uint32_t* dst = kt + ((k0 / 16) * kchunks + dc) * kTileDwords;
+      for (int r = 0; r < 16; ++r) _mm512_storeu_si512(dst + r * 16, rows[r]);
     }
   }
   const auto row16 = [&](int64_t key, int dv) {
