@@ -40,7 +40,8 @@ namespace cpu {
 // binding validates the values first); the attention kernels likewise clamp key ranges to the cache.
 void kv_cache_append(DType dt, const KVCache& cache, HeadsView k, HeadsView v, const int32_t* slots,
                      const int32_t* positions, int64_t tokens);
-// out [T, Hq, D] contiguous; q [T, Hq, D] view; cu_seqlens [B+1], start_pos [B], slots [B].
+// out [T, Hq, D] contiguous; q [T, Hq, D] view; cu_seqlens [B+1], start_pos [B], slots [B]. bf16 with head_dim 64
+// or 128 runs on AMX tiles where the build and CPU have them (csrc/cpu/attention_amx.cpp), the rest on AVX2 / scalar.
 void attention_prefill(DType dt, void* out, HeadsView q, int64_t tokens, int64_t q_heads, const KVCache& cache,
                        const int32_t* cu_seqlens, const int32_t* start_pos, const int32_t* slots, int64_t batch,
                        float scale);
