@@ -119,14 +119,15 @@ void to_tile_layout(uint32_t* kt, uint32_t* vt, const BFloat16* k, const BFloat1
       for (int r = 0; r < 16; ++r) _mm512_storeu_si512(dst + r * 16, rows[r]);
     }
   }
-  const auto row16 = [&](int64_t key, int dv) {
-    return key < L ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + key * rs + dv * 16)))
-                   : _mm512_setzero_si512();
+  const auto row16 = [&](int64_t key, int dv) {  // 16 dims of one key, widened to dwords
+    if (key >= L) return _mm512_setzero_si512();
+    return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + key * rs + dv * 16)));
   };
   for (int64_t key = 0; key < lpad; key += 2) {
     uint32_t* dst = vt + (key / kBlock) * vchunks * kTileDwords + (key % kBlock) / 2 * 16;
     for (int dv = 0; dv < vchunks; ++dv) {
-      _mm512_storeu_si512(dst + dv * kTileDwords, _mm512_or_si512(row16(key, dv), _mm512_slli_epi32(row16(key + 1, dv), 16)));
+      const __m512i pair = _mm512_or_si512(row16(key, dv), _mm512_slli_epi32(row16(key + 1, dv), 16));
+      _mm512_storeu_si512(dst + dv * kTileDwords, pair);
     }
   }
 }
