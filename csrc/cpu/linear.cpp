@@ -179,39 +179,78 @@ bool quantize_x_int16(int16_t* q, float* s, const T* x, int64_t K) {
   return true;
 }
 
+// The vector operations of the int16 dot below. With AVX512-VNNI: 32 weights per step, widened to int16 once, and
+// one vpdpwssd per activation row where AVX2 spends three instructions per 16 weights (int8 4096 -> 11008 at 8 rows,
+// cold: 4.4-4.6 -> 3.5 ms); the same integer sums per block, the blocks' fp32 sums in 16 lanes.
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+struct Int16Lanes {
+  using I = __m512i;
+  using F = __m512;
+  static constexpr int64_t kStep = 32;
+  static I zero() { return _mm512_setzero_si512(); }
+  static F zero_f() { return _mm512_setzero_ps(); }
+  // kStep weights (half: 16, the rest zero) widened to int16, and x's matching int16s
+  static I weights(const int8_t* w, bool half) {
+    const __m256i b = half ? _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)))
+                           : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+    return _mm512_cvtepi8_epi16(b);
+  }
+  static I activations(const int16_t* x, bool half) {
+    return half ? _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)))
+                : _mm512_loadu_si512(x);
+  }
+  static I dot(I acc, I w, I x) { return _mm512_dpwssd_epi32(acc, w, x); }
+  static F scale_add(I acc, float s, F tot) { return _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(s), tot); }
+  static float sum(F v) { return _mm512_reduce_add_ps(v); }
+};
+#else
+struct Int16Lanes {
+  using I = __m256i;
+  using F = vec8;
+  static constexpr int64_t kStep = 16;
+  static I zero() { return _mm256_setzero_si256(); }
+  static F zero_f() { return zero8(); }
+  static I weights(const int8_t* w, bool) {
+    return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+  }
+  static I activations(const int16_t* x, bool) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)); }
+  static I dot(I acc, I w, I x) { return _mm256_add_epi32(acc, _mm256_madd_epi16(w, x)); }
+  static F scale_add(I acc, float s, F tot) { return fmadd(_mm256_cvtepi32_ps(acc), set1(s), tot); }
+  static float sum(F v) { return hsum(v); }
+};
+#endif
+
 template <int M, int R, bool kScaled>
 inline void dot_rows(float* out, const int8_t* w, const float* scales, int64_t K, int64_t G, const XInt16& x,
                      int64_t kb, int64_t ke) {
   static_assert(kScaled, "int16 activations are for int8 weights");
+  using L = Int16Lanes;
   constexpr int64_t kLine = 64;
   const int8_t* next = w + R * K;
   const int64_t gs = K / G;
-  vec8 tot[R][M];
+  L::F tot[R][M];
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m) tot[r][m] = zero8();
+    for (int m = 0; m < M; ++m) tot[r][m] = L::zero_f();
   for (int64_t b = kb / kXBlock; b * kXBlock < ke; ++b) {
     const int64_t k0 = b * kXBlock, k1 = std::min(ke, k0 + kXBlock);
-    __m256i acc[R][M];
+    L::I acc[R][M];
     for (int r = 0; r < R; ++r)
-      for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_si256();
-    for (int64_t k = k0; k < k1; k += 16) {
+      for (int m = 0; m < M; ++m) acc[r][m] = L::zero();
+    for (int64_t k = k0; k < k1; k += L::kStep) {
+      const bool half = k + L::kStep > k1;  // 16 columns left of a 32-column step (K is a multiple of 16)
       if (k % kLine == 0)  // per step here: prefetching both lines at the block start measured slower
         for (int r = 0; r < R; ++r) prefetch(next + r * K + k);
       for (int r = 0; r < R; ++r) {
-        const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * K + k)));
-        for (int m = 0; m < M; ++m) {
-          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + m * x.ld + k));
-          acc[r][m] = _mm256_add_epi32(acc[r][m], _mm256_madd_epi16(wv, xv));
-        }
+        const L::I wv = L::weights(w + r * K + k, half);
+        for (int m = 0; m < M; ++m) acc[r][m] = L::dot(acc[r][m], wv, L::activations(x.q + m * x.ld + k, half));
       }
     }
     const int64_t g = G == 1 ? 0 : k0 / gs;
     for (int r = 0; r < R; ++r)
-      for (int m = 0; m < M; ++m)
-        tot[r][m] = fmadd(_mm256_cvtepi32_ps(acc[r][m]), set1(scales[r * G + g] * x.s[m * x.nb + b]), tot[r][m]);
+      for (int m = 0; m < M; ++m) tot[r][m] = L::scale_add(acc[r][m], scales[r * G + g] * x.s[m * x.nb + b], tot[r][m]);
   }
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m) out[r * M + m] += hsum(tot[r][m]);
+    for (int m = 0; m < M; ++m) out[r * M + m] += L::sum(tot[r][m]);
 }
 
 #endif
