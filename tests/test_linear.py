@@ -60,6 +60,24 @@ def test_linear_int8_matches_reference(device, dtype, m, n, k, group):
                              floor=floor_for(dtype), name=f"linear_int8 {dtype} {m}x{k} -> {n} group {gs}")
 
 
+# On a CPU with AMX-BF16, bf16 GEMMs of up to 256 rows run as y^T = W x^T and are transposed back
+# (kCpuAmxTransposedMaxRows, codellama/linear.h): rows and widths off the transpose's 8 x 8 blocks, both sides.
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("n,k", [(127, 129), (11008, 128)])
+@pytest.mark.parametrize("m", [13, 100, 256, 257])
+def test_linear_gemm_rows_around_the_transposed_limit(device, m, n, k, int8):
+    x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+    w = torch.randn(n, k, device=device, dtype=torch.bfloat16) / k ** 0.5
+    if int8:
+        q, s = ops.quantize_int8(w)
+        out, ref = ops.linear_int8(x, q, s), reference.linear_int8(x, q, s)
+        truth = reference.linear_int8(x.double(), q, s)
+    else:
+        out, ref, truth = ops.linear(x, w), reference.linear(x, w), reference.linear(x.double(), w.double())
+    assert out.shape == (m, n) and out.dtype == torch.bfloat16
+    assert_close_to_baseline(out, ref, truth, floor=floor_for(torch.bfloat16), name=f"{int8=} {m}x{k} -> {n}")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("k,group", [(1040, 0), (1024, 128), (1024, 256), (1040, 80)])
 @pytest.mark.parametrize("m", [1, 3, 8])

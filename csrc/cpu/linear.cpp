@@ -29,6 +29,10 @@
 
 #include "vec.h"
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 namespace codellama::cpu {
 namespace {
 
@@ -429,7 +433,58 @@ inline void dequantize_run(T* w, const int8_t* q, float s, int64_t n) {
   for (; k < n; ++k) w[k] = from_float<T>(static_cast<float>(q[k]) * s);
 }
 
+// dst[c, r] = src[r, c] for 16-bit elements, an 8 x 8 block at a time: 8 row loads, three rounds of unpacks (16-,
+// 32-, 64-bit interleaves), 8 column stores.
+#if defined(__SSE2__)
+inline void transpose8x8_16(uint16_t* dst, int64_t ldd, const uint16_t* src, int64_t lds) {
+  __m128i r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i * lds));
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm_unpacklo_epi16(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm_unpackhi_epi16(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    for (int j = 0; j < 2; ++j) {
+      r[4 * i + j] = _mm_unpacklo_epi32(t[4 * i + j], t[4 * i + j + 2]);
+      r[4 * i + j + 2] = _mm_unpackhi_epi32(t[4 * i + j], t[4 * i + j + 2]);
+    }
+  }
+  // r[0..3] hold columns (0,1), (4,5), (2,3), (6,7) of rows 0-3; r[4..7] the same of rows 4-7
+  const int col_of[4] = {0, 4, 2, 6};
+  for (int i = 0; i < 4; ++i) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + col_of[i] * ldd), _mm_unpacklo_epi64(r[i], r[i + 4]));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (col_of[i] + 1) * ldd), _mm_unpackhi_epi64(r[i], r[i + 4]));
+  }
+}
+#endif
+
 }  // namespace
+
+void transpose_16bit(void* dst, const void* src, int64_t rows, int64_t cols) {
+  auto* d = static_cast<uint16_t*>(dst);
+  const auto* s = static_cast<const uint16_t*>(src);
+  // Threads over bands of 64 source columns (destination rows); within a band, 8 x 8 blocks down the source rows.
+  constexpr int64_t kBand = 64;
+  parallel_for((cols + kBand - 1) / kBand, std::max<int64_t>(1, 8192 / std::max<int64_t>(rows, 1)),
+               [&](int64_t b0, int64_t b1) {
+    for (int64_t c0 = b0 * kBand; c0 < std::min(cols, b1 * kBand); c0 += kBand) {
+      const int64_t c1 = std::min(cols, c0 + kBand);
+      int64_t r = 0;
+#if defined(__SSE2__)
+      for (; r + 8 <= rows; r += 8) {
+        int64_t c = c0;
+        for (; c + 8 <= c1; c += 8) transpose8x8_16(d + c * rows + r, rows, s + r * cols + c, cols);
+        for (; c < c1; ++c) {
+          for (int64_t i = r; i < r + 8; ++i) d[c * rows + i] = s[i * cols + c];
+        }
+      }
+#endif
+      for (; r < rows; ++r) {
+        for (int64_t c = c0; c < c1; ++c) d[c * rows + r] = s[r * cols + c];
+      }
+    }
+  });
+}
 
 void dequantize_int8(DType dt, void* w, const int8_t* q, const float* scales, int64_t N, int64_t K, int64_t G) {
   const int64_t gs = K / G;

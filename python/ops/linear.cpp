@@ -13,7 +13,8 @@
 //                     sgemm (cpu_gemm_blocks below).
 //                     There oneDNN's bf16 matmul measured 5.3x slower than that at M = 128.
 //   Exception, CPU with AMX-BF16 and bf16 x: oneDNN's GEMM above kCpuAmxGemvMaxRows (4) rows, and int8 weights
-//                     above kCpuAmxInt8GemvMaxRows (12), dequantised to bf16 a block of rows at a time for it.
+//                     above kCpuAmxInt8GemvMaxRows (12), dequantised to bf16 a block of rows at a time for it;
+//                     up to kCpuAmxTransposedMaxRows (256) rows, as y^T = W x^T.
 //   cpu_gemv_max_rows holds these thresholds.
 // Every path accumulates in fp32 and rounds once to x's dtype (cuBLAS/oneDNN reduced-precision GEMMs
 // accumulate in fp32 by default).
@@ -61,18 +62,30 @@ bool cpu_has_native_matmul(at::ScalarType dt) {
   return true;
 }
 
+// Whether a CPU GEMM of M rows with x in dtype dt runs as y^T = W x^T (kCpuAmxTransposedMaxRows in
+// codellama/linear.h: oneDNN then packs only x for its AMX kernel, not W).
+bool cpu_gemm_transposed(at::ScalarType dt, int64_t M) {
+  return dt == at::kBFloat16 && cpu_matmul().amx_bf16 && M <= kCpuAmxTransposedMaxRows;
+}
+
+// y^T [N, M], 16-bit and contiguous -> y [M, N] (torch's own copy of the transposed view ran 1.5-2x slower).
+at::Tensor transposed_back(const at::Tensor& yt) {
+  at::Tensor y = at::empty({yt.size(1), yt.size(0)}, yt.options());
+  cpu::transpose_16bit(y.data_ptr(), yt.data_ptr(), yt.size(0), yt.size(1));
+  return y;
+}
+
 // x2 [M, K] (CPU) times W^T, W [N, K] given block-wise in `dt`: fill(block [n, K], n0, n) writes rows n0 .. n0+n
-// of W. Blocks of 4 MiB stay in cache between the fill and the GEMM that reads them. -> [M, N] in x2's dtype: the
-// GEMM (fp32 sgemm, or oneDNN's bf16 GEMM with fp32 sums) rounds once to dt, and dt is fp32 or x2's. oneDNN's bf16
-// GEMM ran 1.1-1.2x faster as y^T = W x^T (an int8 1.1B-shaped prefill of 128 tokens: 396-414 ms -> 333-344);
-// sgemm did not (fp16 x, 4096 -> 11008, 65 rows: 27-30 ms -> 32 ms), so fp32 blocks keep y = x W^T.
+// of W. -> [M, N] in x2's dtype: the GEMM (fp32 sgemm, or oneDNN's bf16 GEMM with fp32 sums) rounds once to dt,
+// and dt is fp32 or x2's. Blocks of 16 MiB: each GEMM call packs x again, and 4 MiB blocks made an int8
+// 4096 -> 11008 product of 128 rows 1.4x slower (13.8 against 9.9 ms; benchmarks/RESULTS.md, session 18).
 template <typename Fill>
 at::Tensor cpu_gemm_blocks(const at::Tensor& x2, int64_t N, at::ScalarType dt, const Fill& fill) {
   const int64_t M = x2.size(0), K = x2.size(1);
   const at::Tensor xb = x2.to(dt);
-  const bool transposed = dt == at::kBFloat16;
+  const bool transposed = cpu_gemm_transposed(dt, M);
   at::Tensor y = transposed ? at::empty({N, M}, xb.options()) : at::empty({M, N}, xb.options());
-  const int64_t block = std::min(N, std::max<int64_t>(16, (int64_t{4} << 20) / (K * xb.element_size())));
+  const int64_t block = std::min(N, std::max<int64_t>(16, (int64_t{16} << 20) / (K * xb.element_size())));
   at::Tensor wb = at::empty({block, K}, xb.options());
   for (int64_t n0 = 0; n0 < N; n0 += block) {
     const int64_t n = std::min(block, N - n0);
@@ -86,7 +99,7 @@ at::Tensor cpu_gemm_blocks(const at::Tensor& x2, int64_t N, at::ScalarType dt, c
       at::mm_out(yb, xb, w.t());
     }
   }
-  return (transposed ? y.t().contiguous() : y).to(x2.scalar_type());
+  return (transposed ? transposed_back(y) : y).to(x2.scalar_type());
 }
 
 // x [..., K] -> [M, K] with a contiguous last dim (a view when possible).
@@ -160,6 +173,9 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight) {
       return cpu_gemm_blocks(x2, N, at::kFloat, [&](at::Tensor& w, int64_t n0, int64_t n) {
         w.copy_(weight.narrow(0, n0, n));
       }).view(out_shape(x, N));
+    }
+    if (!x.is_cuda() && cpu_gemm_transposed(x.scalar_type(), M)) {
+      return transposed_back(at::mm(weight, x2.t())).view(out_shape(x, N));
     }
     return at::matmul(x2, weight.t()).view(out_shape(x, N));  // GEMM: cuBLAS / oneDNN
   }

@@ -22,7 +22,8 @@
 //                          bf16/fp16 matmul, use the GEMV up to kCpuGemvMaxRows (48) rows (int8:
 //                          kCpuInt8GemvMaxRows, 64) and above it fp32 sgemm on blocks of W converted to fp32;
 //                          on a CPU with AMX-BF16, bf16 x takes oneDNN above kCpuAmxGemvMaxRows (4) rows, with
-//                          int8 weights above kCpuAmxInt8GemvMaxRows (12) on blocks dequantised to bf16;
+//                          int8 weights above kCpuAmxInt8GemvMaxRows (12) on blocks dequantised to bf16,
+//                          as y^T = W x^T up to kCpuAmxTransposedMaxRows (256) rows;
 //                          unquantised weights on CUDA use the GEMV for M <= kCudaGemvMaxRows (1) only. The
 //                          binding (python/ops/linear.cpp) has the details.
 // The GEMV kernels accept any M (the CPU ones process rows in chunks of 8), but are tuned for M <= 8.
@@ -52,6 +53,11 @@ constexpr int64_t kCpuInt8GemvMaxRows = 64;
 // the GEMV 1.9 and 7.4 ms at 12 rows (benchmarks/RESULTS.md, session 16).
 constexpr int64_t kCpuAmxGemvMaxRows = 4;
 constexpr int64_t kCpuAmxInt8GemvMaxRows = 12;
+// CPU with AMX-BF16, bf16 x, the GEMM rows: up to this many, oneDNN computes y^T = W x^T (then transposed back),
+// where for y = x W^T it repacks all of W on every call. Same Xeon, W cycled through more than the L3, time of
+// x W^T / y^T: 1.1B shapes 1.13-1.26 at 5-32 rows, 0.80-1.39 at 64-256 (1.20-1.24 on 2048 -> 11264, the largest
+// product of a layer), 0.66-1.18 at 1024-2048; int8 blocks: y^T ahead up to 256 rows, mixed at 512, behind above.
+constexpr int64_t kCpuAmxTransposedMaxRows = 256;
 
 namespace cpu {
 // y [M, N] contiguous; x [M, K] rows of stride x_stride (elements), last dim contiguous; w [N, K] contiguous.
@@ -69,6 +75,9 @@ void linear_int8(DType dt, void* y, const void* x, int64_t x_stride, const int8_
 
 // w [N, K] contiguous in dtype dt: w[n, k] = round(q[n, k] * s[n, g(k)]) (the product in fp32).
 void dequantize_int8(DType dt, void* w, const int8_t* q, const float* scales, int64_t N, int64_t K, int64_t G);
+
+// dst [cols, rows] = src [rows, cols]^T, 16-bit elements (both contiguous): the GEMMs' y^T = W x^T back to y.
+void transpose_16bit(void* dst, const void* src, int64_t rows, int64_t cols);
 }  // namespace cpu
 
 namespace cuda {
