@@ -94,13 +94,15 @@ PYBIND11_MODULE(_C, m) {
   // CPU GEMV / GEMM crossovers on this CPU (codellama/linear.h), for the tests and tools/bench_gemv_crossover.py
   m.def(
       "cpu_gemv_max_rows",
-      [](const std::string& dtype, bool int8) {
-        if (dtype == "bfloat16") return codellama::bind::cpu_gemv_max_rows(at::kBFloat16, int8);
-        if (dtype == "float16") return codellama::bind::cpu_gemv_max_rows(at::kHalf, int8);
-        if (dtype == "float32") return codellama::bind::cpu_gemv_max_rows(at::kFloat, int8);
+      [](const std::string& dtype, bool int8, int64_t n, int64_t k, int64_t groups) {
+        if (dtype == "bfloat16") return codellama::bind::cpu_gemv_max_rows(at::kBFloat16, int8, n, k, groups);
+        if (dtype == "float16") return codellama::bind::cpu_gemv_max_rows(at::kHalf, int8, n, k, groups);
+        if (dtype == "float32") return codellama::bind::cpu_gemv_max_rows(at::kFloat, int8, n, k, groups);
         throw std::invalid_argument("dtype must be 'bfloat16', 'float16' or 'float32', got '" + dtype + "'");
       },
       "The most activation rows of `dtype` ('bfloat16', 'float16', 'float32') that take the CPU GEMV on this CPU, "
-      "for int8 weights or weights in that dtype (more rows: a GEMM)",
-      pybind11::arg("dtype"), pybind11::arg("int8"));
+      "for int8 weights or weights in that dtype (more rows: a GEMM); for int8 weights [n, k] with `groups` scales "
+      "per row the shape can raise it (n = 0: the limit of shapes whose products do not run on AMX-INT8 tiles)",
+      pybind11::arg("dtype"), pybind11::arg("int8"), pybind11::arg("n") = 0, pybind11::arg("k") = 0,
+      pybind11::arg("groups") = 1);
 }

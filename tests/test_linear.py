@@ -312,7 +312,7 @@ def test_linear_opcheck(m):
 def test_gemv_crossover_tool_runs(weights):
     """tools/bench_gemv_crossover.py (the thresholds' measurement) on a tiny shape, so it cannot rot."""
     root = Path(__file__).resolve().parent.parent
-    limit = _C.cpu_gemv_max_rows("bfloat16", weights == "int8")
+    limit = _C.cpu_gemv_max_rows("bfloat16", weights == "int8", n=48, k=64)
     run = subprocess.run([sys.executable, str(root / "tools" / "bench_gemv_crossover.py"), "--weights", weights,
                           "--shape", "64", "48", "--rows", "1", str(limit + 2), "--rounds", "1"],
                          capture_output=True, text=True, timeout=300,

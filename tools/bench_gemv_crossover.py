@@ -48,7 +48,8 @@ def main():
 
     def linear(x):
         return ops.linear_int8(x, q, s) if int8 else ops.linear(x, w)
-    limit = _C.cpu_gemv_max_rows("bfloat16", int8)
+    groups = k // args.group if int8 and args.group else 1
+    limit = _C.cpu_gemv_max_rows("bfloat16", int8, n=n, k=k, groups=groups)
 
     def gemv(x):
         return torch.cat([linear(c) for c in x.split(limit)])

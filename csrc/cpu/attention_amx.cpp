@@ -12,14 +12,10 @@
 // a prompt prefilled in parts gives the bits of the whole.
 #include "attention_amx.h"
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512F__) && defined(__AVX512BF16__) && \
-    defined(__linux__)
-#define CODELLAMA_AMX 1
-#include <cpuid.h>
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
+#include "amx.h"
 
+#if defined(CODELLAMA_AMX_TILE) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define CODELLAMA_AMX 1
 #include <algorithm>
 #include <cstring>
 #include <memory>
@@ -38,69 +34,10 @@ bool attention_prefill_amx(void*, HeadsView, int64_t, int64_t, const KVCache&, c
 #else
 namespace {
 
-constexpr int kRows = 16;   // query rows per task: a tile's rows
-constexpr int kBlock = 32;  // keys per block: P's tile row holds 32 bf16
+// Tiles: Q in chunks of 32 dims (0-3), scores, P and P.V (4, 5), B operands (6, 7).
+constexpr int kRows = amx::kRows;  // query rows per task: a tile's rows
+constexpr int kBlock = 32;         // keys per block: P's tile row holds 32 bf16
 constexpr int kTileDwords = 256;
-
-// A process must ask Linux for the tile state before its first tile instruction (arch_prctl ARCH_REQ_XCOMP_PERM,
-// XFEATURE_XTILEDATA; Linux 5.16+). Asked once.
-bool amx_available() {
-  static const bool ok = [] {
-    unsigned a = 0, b = 0, c = 0, d = 0;
-    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
-    if (!(d >> 22 & 1) || !(d >> 24 & 1)) return false;  // AMX-BF16, AMX-TILE
-    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
-  }();
-  return ok;
-}
-
-// Palette 1, all eight tiles 16 rows x 64 bytes: Q in chunks of 32 dims (tiles 0-3), scores, P and P.V (4, 5),
-// B operands (6, 7).
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-void configure_tiles() {
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
-    cfg.colsb[t] = 64;
-    cfg.rows[t] = kRows;
-  }
-  _tile_loadconfig(&cfg);
-}
-
-// Transposes 16 x 16 dwords in place: rows[i] lane j <- rows[j] lane i.
-inline void transpose16x16(__m512i (&rows)[16]) {
-  __m512i t[16];
-  for (int i = 0; i < 16; i += 2) {  // dword pairs: t[i] = (a0 b0 a1 b1 | ...), per 128-bit lane
-    t[i] = _mm512_unpacklo_epi32(rows[i], rows[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(rows[i], rows[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {  // qword pairs: 4 rows' dwords per 128-bit lane
-    rows[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-    rows[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-    rows[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-    rows[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
-  // rows[4g + j] holds, in 128-bit lane l, column 4l + j of source rows 4g .. 4g+3; gather the 4 groups' lanes
-  const __m512i lo = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0), hi = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
-  for (int j = 0; j < 4; ++j) {
-    const __m512i a = _mm512_permutex2var_epi64(rows[j], lo, rows[4 + j]);   // lanes (g0 l0, g1 l0, g0 l1, g1 l1)
-    const __m512i b = _mm512_permutex2var_epi64(rows[j], hi, rows[4 + j]);   // (g0 l2, g1 l2, g0 l3, g1 l3)
-    const __m512i c = _mm512_permutex2var_epi64(rows[8 + j], lo, rows[12 + j]);
-    const __m512i d = _mm512_permutex2var_epi64(rows[8 + j], hi, rows[12 + j]);
-    t[j] = _mm512_shuffle_i64x2(a, c, 0x44);        // l0: g0 g1 g2 g3
-    t[4 + j] = _mm512_shuffle_i64x2(a, c, 0xee);    // l1
-    t[8 + j] = _mm512_shuffle_i64x2(b, d, 0x44);    // l2
-    t[12 + j] = _mm512_shuffle_i64x2(b, d, 0xee);   // l3
-  }
-  for (int i = 0; i < 16; ++i) rows[i] = t[i];
-}
 
 // Keys [0, L) of one kv head (rows rs elements apart) in the B layouts, padded with zeros to lpad (a multiple of
 // kBlock) keys. kt: per 16 keys and 32 dims a tile, row r = dims (2r, 2r + 1) of the 16 keys. vt: per 32 keys and
@@ -114,7 +51,7 @@ void to_tile_layout(uint32_t* kt, uint32_t* vt, const BFloat16* k, const BFloat1
       for (int c = 0; c < 16; ++c) {
         rows[c] = k0 + c < L ? _mm512_loadu_si512(k + (k0 + c) * rs + dc * 32) : _mm512_setzero_si512();
       }
-      transpose16x16(rows);
+      amx::transpose16x16(rows);
       uint32_t* dst = kt + ((k0 / 16) * kchunks + dc) * kTileDwords;
       for (int r = 0; r < 16; ++r) _mm512_storeu_si512(dst + r * 16, rows[r]);
     }
@@ -306,7 +243,7 @@ void prefill(BFloat16* out, HeadsView q, int64_t tokens, int64_t q_heads, const 
   }
   const int64_t n = static_cast<int64_t>(tasks.size());
   parallel_for(n, 1, [&](int64_t i0, int64_t i1) {
-    configure_tiles();
+    amx::configure_tiles();
     auto w = std::make_unique<TaskScratch<D>>();
     int64_t last[kRows];
     for (int64_t ii = i0; ii < i1; ++ii) {
@@ -329,7 +266,7 @@ bool attention_prefill_amx(void* out, HeadsView q, int64_t tokens, int64_t q_hea
                            const int32_t* cu_seqlens, const int32_t* start_pos, const int32_t* slots, int64_t batch,
                            float scale) {
   const int64_t D = cache.head_dim;
-  if ((D != 64 && D != 128) || !amx_available()) return false;
+  if ((D != 64 && D != 128) || !amx::available(amx::Kind::kBF16)) return false;
   auto* o = static_cast<BFloat16*>(out);
   if (D == 64) {
     prefill<64>(o, q, tokens, q_heads, cache, cu_seqlens, start_pos, slots, batch, scale);

@@ -27,6 +27,7 @@
 #include <optional>
 #include <vector>
 
+#include "linear_amx.h"
 #include "vec.h"
 
 #if defined(__SSE2__)
@@ -345,18 +346,25 @@ void gemv(T* y, const T* x, int64_t x_stride, const W* w, const float* scales, i
 #ifdef CODELLAMA_AVX2
   if constexpr (kScaled && !std::is_same_v<T, float>) {
     if (int16_x_fits(K, G)) {
+      // AMX-INT8 tiles take up to 64 activation rows per pass over W, the GEMV 8
+      const bool amx = M >= kCpuInt8TilesMinRows && linear_int8_amx_fits(N, K);
+      const int64_t chunk = amx ? kCpuInt8TilesMaxRows : kGemvMaxRows;
       const int64_t nb = (K + kXBlock - 1) / kXBlock;
-      XRows<int16_t> xq(mmax, K);
-      std::vector<float> xs(static_cast<size_t>(mmax * nb));
-      for (int64_t m0 = 0; m0 < M; m0 += kGemvMaxRows) {
-        const int mc = static_cast<int>(std::min<int64_t>(kGemvMaxRows, M - m0));
+      XRows<int16_t> xq(std::min(M, chunk), K);
+      std::vector<float> xs(static_cast<size_t>(std::min(M, chunk) * nb));
+      for (int64_t m0 = 0; m0 < M; m0 += chunk) {
+        const int mc = static_cast<int>(std::min<int64_t>(chunk, M - m0));
         bool fits = true;
         for (int m = 0; m < mc && fits; ++m)
           fits = quantize_x_int16(xq.row(m), xs.data() + m * nb, x + (m0 + m) * x_stride, K);
-        if (fits) {
-          stream_w(mc, y + m0 * N, XInt16{xq.data(), xq.ld(), xs.data(), nb});
+        if (!fits) {
+          for (int m = 0; m < mc; m += kGemvMaxRows)
+            stream_fp32(m0 + m, static_cast<int>(std::min<int64_t>(kGemvMaxRows, mc - m)));
+        } else if (amx) {
+          linear_int8_amx(std::is_same_v<T, BFloat16> ? DType::kBFloat16 : DType::kFloat16, y + m0 * N, N, xq.data(),
+                          xq.ld(), xs.data(), nb, kXBlock, w, scales, mc, N, K, G);
         } else {
-          stream_fp32(m0, mc);
+          stream_w(mc, y + m0 * N, XInt16{xq.data(), xq.ld(), xs.data(), nb});
         }
       }
       return;
@@ -382,6 +390,14 @@ void linear_int8(DType dt, void* y, const void* x, int64_t x_stride, const int8_
   CODELLAMA_DISPATCH_FLOAT_TYPES(dt, "linear_int8", {
     gemv<true>(static_cast<scalar_t*>(y), static_cast<const scalar_t*>(x), x_stride, q, scales, M, N, K, G);
   });
+}
+
+bool linear_int8_on_tiles(DType dt, int64_t N, int64_t K, int64_t G) {
+#ifdef CODELLAMA_AVX2
+  return dt != DType::kFloat32 && int16_x_fits(K, G) && linear_int8_amx_fits(N, K);
+#else
+  return false;
+#endif
 }
 
 void quantize_int8(DType dt, int8_t* q, float* scales, const void* w, int64_t N, int64_t K, int64_t group_size) {

@@ -15,6 +15,8 @@
 //   Exception, CPU with AMX-BF16 and bf16 x: oneDNN's GEMM above kCpuAmxGemvMaxRows (4) rows, and int8 weights
 //                     above kCpuAmxInt8GemvMaxRows (12), dequantised to bf16 a block of rows at a time for it;
 //                     up to kCpuAmxTransposedMaxRows (256) rows, as y^T = W x^T.
+//   Exception, CPU with AMX-INT8, int8 weights and 16-bit x whose shape fits the tiles (cpu::linear_int8_on_tiles):
+//                     our GEMV, its integer products on tiles, up to kCpuInt8TilesMaxRows (64) rows.
 //   cpu_gemv_max_rows holds these thresholds.
 // Every path accumulates in fp32 and rounds once to x's dtype (cuBLAS/oneDNN reduced-precision GEMMs
 // accumulate in fp32 by default).
@@ -153,8 +155,12 @@ void check_int8_args(const char* op, const at::Tensor& x, const at::Tensor& qwei
 
 }  // namespace
 
-int64_t cpu_gemv_max_rows(at::ScalarType dt, bool int8) {
+int64_t cpu_gemv_max_rows(at::ScalarType dt, bool int8, int64_t N, int64_t K, int64_t G) {
   const bool amx = dt == at::kBFloat16 && cpu_matmul().amx_bf16;
+  if (int8 && N > 0 && dt != at::kFloat &&
+      cpu::linear_int8_on_tiles(dt == at::kHalf ? DType::kFloat16 : DType::kBFloat16, N, K, G)) {
+    return kCpuInt8TilesMaxRows;
+  }
   if (int8) return amx ? kCpuAmxInt8GemvMaxRows : kCpuInt8GemvMaxRows;
   if (!cpu_has_native_matmul(dt)) return kCpuGemvMaxRows;
   return amx ? kCpuAmxGemvMaxRows : kGemvMaxRows;
@@ -246,7 +252,7 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qweight, const at:
 #endif
     return at::matmul(x2, w.t()).view(out_shape(x, N));
   }
-  if (!x.is_cuda() && M > cpu_gemv_max_rows(x.scalar_type(), true)) {
+  if (!x.is_cuda() && M > cpu_gemv_max_rows(x.scalar_type(), true, N, K, G)) {
     // GEMM: blocks of W dequantised to bf16 for AMX (into x's dtype, as on CUDA), else to fp32 for sgemm
     const int8_t* q = qweight.data_ptr<int8_t>();
     const float* s = scales.data_ptr<float>();

@@ -46,8 +46,9 @@ at::Tensor silu_and_mul(const at::Tensor& x);
 
 // linear.cpp
 // The most rows of x in dtype dt that take our CPU GEMV (more: a GEMM), for int8 weights or weights in dt, on this
-// CPU (the dispatch rule of codellama/linear.h).
-int64_t cpu_gemv_max_rows(at::ScalarType dt, bool int8);
+// CPU (the dispatch rule of codellama/linear.h). int8 weights [N, K] with G scales per row whose products run on
+// AMX-INT8 tiles keep it longer (N = 0: a shape that does not).
+int64_t cpu_gemv_max_rows(at::ScalarType dt, bool int8, int64_t N = 0, int64_t K = 0, int64_t G = 1);
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight);
 std::tuple<at::Tensor, at::Tensor> quantize_int8(const at::Tensor& weight, int64_t group_size);
 at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales);

@@ -23,7 +23,9 @@
 //                          kCpuInt8GemvMaxRows, 64) and above it fp32 sgemm on blocks of W converted to fp32;
 //                          on a CPU with AMX-BF16, bf16 x takes oneDNN above kCpuAmxGemvMaxRows (4) rows, with
 //                          int8 weights above kCpuAmxInt8GemvMaxRows (12) on blocks dequantised to bf16,
-//                          as y^T = W x^T up to kCpuAmxTransposedMaxRows (256) rows;
+//                          as y^T = W x^T up to kCpuAmxTransposedMaxRows (256) rows; int8 weights whose
+//                          products run on AMX-INT8 tiles (linear_int8_on_tiles, from kCpuInt8TilesMinRows
+//                          (5) rows) keep the GEMV up to kCpuInt8TilesMaxRows (64) rows;
 //                          unquantised weights on CUDA use the GEMV for M <= kCudaGemvMaxRows (1) only. The
 //                          binding (python/ops/linear.cpp) has the details.
 // The GEMV kernels accept any M (the CPU ones process rows in chunks of 8), but are tuned for M <= 8.
@@ -58,6 +60,13 @@ constexpr int64_t kCpuAmxInt8GemvMaxRows = 12;
 // x W^T / y^T: 1.1B shapes 1.13-1.26 at 5-32 rows, 0.80-1.39 at 64-256 (1.20-1.24 on 2048 -> 11264, the largest
 // product of a layer), 0.66-1.18 at 1024-2048; int8 blocks: y^T ahead up to 256 rows, mixed at 512, behind above.
 constexpr int64_t kCpuAmxTransposedMaxRows = 256;
+// CPU with AMX-INT8, int8 weights and 16-bit x where cpu::linear_int8_on_tiles holds: the GEMV's integer products
+// run on tiles, up to this many rows per pass over W and per call. Same Xeon, dequantised bf16 blocks + oneDNN /
+// tiles time: 1.1B and 7B shapes 1.9-2.8 at 16 rows, 1.1-2.0 at 64, 0.73-0.85 at 128 (benchmarks/RESULTS.md).
+constexpr int64_t kCpuInt8TilesMaxRows = 64;
+// ... and from this many rows on: below, the VNNI GEMV streams W faster than the tiles' route (1.1B-shaped int8
+// decode, tok/s, GEMV / tiles: b=1 21.2 / 15.4, b=2 36.0 / 30.4, b=4 59.5 / 58.0, b=8 91.4 / 114.8).
+constexpr int64_t kCpuInt8TilesMinRows = 5;
 
 namespace cpu {
 // y [M, N] contiguous; x [M, K] rows of stride x_stride (elements), last dim contiguous; w [N, K] contiguous.
@@ -72,6 +81,10 @@ void quantize_int8(DType dt, int8_t* q, float* scales, const void* w, int64_t N,
 // kernel (see the exception above), fp32 x stays fp32.
 void linear_int8(DType dt, void* y, const void* x, int64_t x_stride, const int8_t* q, const float* scales,
                  int64_t M, int64_t N, int64_t K, int64_t G);
+
+// Whether linear_int8 with x in dtype dt runs its integer products on AMX-INT8 tiles for this shape: where the
+// build targets them and this CPU and OS grant them, 16-bit x on the int16 route, N % 16 == 0, K % 64 == 0.
+bool linear_int8_on_tiles(DType dt, int64_t N, int64_t K, int64_t G);
 
 // w [N, K] contiguous in dtype dt: w[n, k] = round(q[n, k] * s[n, g(k)]) (the product in fp32).
 void dequantize_int8(DType dt, void* w, const int8_t* q, const float* scales, int64_t N, int64_t K, int64_t G);
