@@ -57,12 +57,13 @@ constexpr int64_t kCpuAmxGemvMaxRows = 4;
 constexpr int64_t kCpuAmxInt8GemvMaxRows = 12;
 // CPU with AMX-BF16, bf16 x, the GEMM rows: up to this many, oneDNN computes y^T = W x^T (then transposed back),
 // where for y = x W^T it repacks all of W on every call. Same Xeon, W cycled through more than the L3, time of
-// x W^T / y^T: 1.1B shapes 1.13-1.26 at 5-32 rows, 0.80-1.39 at 64-256 (1.20-1.24 on 2048 -> 11264, the largest
-// product of a layer), 0.66-1.18 at 1024-2048; int8 blocks: y^T ahead up to 256 rows, mixed at 512, behind above.
+// x W^T / y^T: 1.1B shapes 1.13-1.26 at 5-32 rows, 0.80-1.39 at 64-256 (1.20-1.34 on 2048 -> 11264, the largest
+// product of a layer), 0.66-1.16 at 1024-2048; int8 blocks: y^T ahead up to 256 rows, mixed at 512, behind above.
 constexpr int64_t kCpuAmxTransposedMaxRows = 256;
 // CPU with AMX-INT8, int8 weights and 16-bit x where cpu::linear_int8_on_tiles holds: the GEMV's integer products
 // run on tiles, up to this many rows per pass over W and per call. Same Xeon, dequantised bf16 blocks + oneDNN /
-// tiles time: 1.1B and 7B shapes 1.9-2.8 at 16 rows, 1.1-2.0 at 64, 0.73-0.85 at 128 (benchmarks/RESULTS.md).
+// tiles time: 1.1B and 7B shapes 1.9-2.8 at 16 rows, 1.1-2.0 at 64, 0.73-1.05 at 128, 0.64-0.82 at 256
+// (benchmarks/RESULTS.md, session 18).
 constexpr int64_t kCpuInt8TilesMaxRows = 64;
 // ... and from this many rows on: below, the VNNI GEMV streams W faster than the tiles' route (1.1B-shaped int8
 // decode, tok/s, GEMV / tiles: b=1 21.2 / 15.4, b=2 36.0 / 30.4, b=4 59.5 / 58.0, b=8 91.4 / 114.8).
