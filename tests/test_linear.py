@@ -308,6 +308,18 @@ def test_linear_opcheck(m):
     torch.library.opcheck(torch.ops.codellama.linear_silu_and_mul.default, (x, q, s))
 
 
+def test_cpu_int8_gemv_limit_by_shape():
+    """int8 weights whose products run on AMX-INT8 tiles keep the GEMV to 64 rows (kCpuInt8TilesMaxRows); shapes
+    the tiles do not take (N % 16, K % 64, fp32 x, groups splitting a 128-column x block) keep the shapeless limit."""
+    for dtype in ("bfloat16", "float16"):
+        plain = _C.cpu_gemv_max_rows(dtype, True)
+        assert _C.cpu_gemv_max_rows(dtype, True, n=11008, k=4096) in (plain, 64)
+        assert _C.cpu_gemv_max_rows(dtype, True, n=11008, k=4096, groups=32) in (plain, 64)
+        for n, k, groups in [(11, 4096, 1), (11008, 4128, 1), (11008, 4096, 64)]:
+            assert _C.cpu_gemv_max_rows(dtype, True, n=n, k=k, groups=groups) == plain, (dtype, n, k, groups)
+    assert _C.cpu_gemv_max_rows("float32", True, n=11008, k=4096) == _C.cpu_gemv_max_rows("float32", True)
+
+
 @pytest.mark.parametrize("weights", ["int8", "bf16"])
 def test_gemv_crossover_tool_runs(weights):
     """tools/bench_gemv_crossover.py (the thresholds' measurement) on a tiny shape, so it cannot rot."""
