@@ -81,24 +81,6 @@ struct alignas(64) TaskScratch {
   float m[kRows], alpha[kRows];
 };
 
-// vec.h's exp8_nonpositive on 16 lanes: the same operations per lane, so the same bits as the AVX2 kernel's.
-inline __m512 exp16_nonpositive(__m512 x) {
-  const __mmask16 below = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpFloor), _CMP_LT_OQ);
-  x = _mm512_max_ps(_mm512_set1_ps(kExpFloor), x);
-  const __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 y = _mm512_set1_ps(1.9875691500E-4f);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507E-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073E-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894E-2f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459E-1f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201E-1f));
-  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  const __m512i pow2 = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)), 23);
-  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~below), _mm512_mul_ps(y, _mm512_castsi512_ps(pow2)));
-}
 
 // Online softmax of key block kb for row i, whose last visible key is `last`: scores from w.s, probabilities
 // (rounded to bf16) into w.p, the rescale of its accumulator into w.alpha. A block the row cannot see at all
