@@ -5,7 +5,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <type_traits>
 
 #include "vec.h"
 
@@ -30,42 +29,9 @@ inline vec8 silu8(vec8 g) {
 #endif
 
 #if defined(CODELLAMA_AVX2) && defined(__AVX512F__) && defined(__F16C__)
-// 16 lanes: the operations of silu8 and of load8 / round_through / store8 per lane, so the same bits (checked
-// against 8-lane rows with out-of-range and NaN gates). bench_kernels, bf16 2048 x 11008: 14.4 -> 9.7 ms (torch's
-// silu and mul 13.9-14.2 ms; benchmarks/RESULTS.md, session 18).
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
-inline __m512 load16(const BFloat16* p) {
-  const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
-}
-// bf16_round_bits (vec.h) on 16 lanes
-inline __m512i bf16_round_bits16(__m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
-  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  return _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x400000)));
-}
-template <typename T> inline __m512 round_through16(__m512 v) {
-  if constexpr (std::is_same_v<T, BFloat16>) {
-    const __m512i high = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
-    return _mm512_castsi512_ps(_mm512_and_si512(bf16_round_bits16(v), high));
-  } else if constexpr (std::is_same_v<T, Half>) {
-    return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
-  } else {
-    return v;
-  }
-}
-inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-inline void store16(Half* p, __m512 v) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
-}
-inline void store16(BFloat16* p, __m512 v) {
-  const __m256i bits = _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_round_bits16(v), 16));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), bits);
-}
-
+// 16 lanes: the operations of silu8 per lane, with vec.h's 16-lane loads, rounding and stores, so the same bits
+// (checked against 8-lane rows with out-of-range and NaN gates). bench_kernels, bf16 2048 x 11008: 14.4 -> 9.7 ms
+// (torch's silu and mul 13.9-14.2 ms; benchmarks/RESULTS.md, session 18).
 // silu of 16 gates; a vector holding an out-of-range lane goes through silu8 by halves (its scalar fallback is
 // per 8 lanes, and the vector and scalar results differ by an ulp)
 inline __m512 silu16(__m512 g) {

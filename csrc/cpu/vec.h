@@ -199,4 +199,39 @@ template <typename T> inline vec8 round_through(vec8 v) {
   }
 }
 
+#if defined(CODELLAMA_AVX2) && defined(__AVX512F__) && defined(__F16C__)
+// load8, bf16_round_bits, round_through and store8 on 16 lanes: the same operations per lane, so the same bits.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+inline __m512 load16(const BFloat16* p) {
+  const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+}
+inline __m512i bf16_round_bits16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  return _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x400000)));
+}
+template <typename T> inline __m512 round_through16(__m512 v) {
+  if constexpr (std::is_same_v<T, BFloat16>) {
+    const __m512i high = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+    return _mm512_castsi512_ps(_mm512_and_si512(bf16_round_bits16(v), high));
+  } else if constexpr (std::is_same_v<T, Half>) {
+    return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  } else {
+    return v;
+  }
+}
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(Half* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+inline void store16(BFloat16* p, __m512 v) {
+  const __m256i bits = _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_round_bits16(v), 16));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), bits);
+}
+#endif
+
 }  // namespace codellama::cpu

@@ -157,10 +157,8 @@ void check_int8_args(const char* op, const at::Tensor& x, const at::Tensor& qwei
 
 int64_t cpu_gemv_max_rows(at::ScalarType dt, bool int8, int64_t N, int64_t K, int64_t G) {
   const bool amx = dt == at::kBFloat16 && cpu_matmul().amx_bf16;
-  if (int8 && N > 0 && dt != at::kFloat &&
-      cpu::linear_int8_on_tiles(dt == at::kHalf ? DType::kFloat16 : DType::kBFloat16, N, K, G)) {
-    return kCpuInt8TilesMaxRows;
-  }
+  const DType d = dt == at::kFloat ? DType::kFloat32 : dt == at::kHalf ? DType::kFloat16 : DType::kBFloat16;
+  if (int8 && N > 0 && cpu::linear_int8_on_tiles(d, N, K, G)) return kCpuInt8TilesMaxRows;
   if (int8) return amx ? kCpuAmxInt8GemvMaxRows : kCpuInt8GemvMaxRows;
   if (!cpu_has_native_matmul(dt)) return kCpuGemvMaxRows;
   return amx ? kCpuAmxGemvMaxRows : kGemvMaxRows;
