@@ -70,7 +70,8 @@ bool cpu_gemm_transposed(at::ScalarType dt, int64_t M) {
   return dt == at::kBFloat16 && cpu_matmul().amx_bf16 && M <= kCpuAmxTransposedMaxRows;
 }
 
-// y^T [N, M], 16-bit and contiguous -> y [M, N] (torch's own copy of the transposed view ran 1.5-2x slower).
+// y^T [N, M], 16-bit and contiguous -> y [M, N]. With torch's own copy of the transposed view, int8 products of 2048
+// rows took 1.3-1.6x as long in all (benchmarks/RESULTS.md, session 18).
 at::Tensor transposed_back(const at::Tensor& yt) {
   at::Tensor y = at::empty({yt.size(1), yt.size(0)}, yt.options());
   cpu::transpose_16bit(y.data_ptr(), yt.data_ptr(), yt.size(0), yt.size(1));
